@@ -1,0 +1,83 @@
+"""Command line: ``python -m realtime serve`` and ``python -m realtime client``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from realtime.app import create_app
+    from realtime.config import Settings
+
+    overrides = {
+        "host": args.host, "port": args.port, "device": args.device, "capacity": args.capacity,
+        "engine_mode": args.engine_mode, "voice_checkpoint": args.voice_checkpoint, "log_level": args.log_level,
+        "api_keys": args.api_key or None,
+    }
+    settings = Settings.load(overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    print(f"serving on http://{settings.host}:{settings.port}  (websocket: ws://{settings.host}:{settings.port}/v1/realtime)",
+          flush=True)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
+        log_level=settings.log_level, ws_ping_interval=20, ws_ping_timeout=20,
+    )
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from realtime.client import converse, read_wav, write_wav
+
+    listen = read_wav(args.listen) if args.listen else None
+    result = asyncio.run(converse(args.url, args.say, listen, args.api_key, timeout=args.timeout,
+                                  max_output_tokens=args.max_output_tokens))
+    write_wav(args.output, result.audio)
+    secs = result.audio.shape[0] / 24000
+    extra = f", interrupted after {result.interrupted_at_ms} ms" if result.interrupted_at_ms is not None else ""
+    print(f"response {result.status}: {secs:.2f} s of audio written to {args.output}{extra}")
+    return 0 if result.status is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m realtime", description="Real-time full-duplex voice server and client.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server (settings also from RT_* environment variables)")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
+    s.add_argument("--api-key", action="append", help="accepted API key; repeat for several (default: no auth)")
+    s.add_argument("--capacity", type=int, help="concurrent voice sessions before refusing (default 16)")
+    s.add_argument("--engine-mode", choices=["batched", "sequential"], help="batched step (default) or one session per step")
+    s.add_argument("--voice-checkpoint", help="a voice checkpoint (.safetensors) instead of the embedded default")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("client", help="say a text while streaming a wav as the microphone; save the reply")
+    c.add_argument("--url", default="ws://127.0.0.1:8000/v1/realtime")
+    c.add_argument("--say", required=True, help="the text the server should speak")
+    c.add_argument("--listen", help="a 16-bit PCM wav streamed in real time as microphone audio")
+    c.add_argument("--output", default="reply.wav", help="where to save what the server said (24 kHz wav)")
+    c.add_argument("--api-key")
+    c.add_argument("--timeout", type=float, default=120.0)
+    c.add_argument("--max-output-tokens", type=int, help="at most this many speech frames (40 ms each)")
+    c.set_defaults(func=_client)
+
+    args = p.parse_args(argv)
+    from websockets.exceptions import WebSocketException
+
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError, WebSocketException, TimeoutError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

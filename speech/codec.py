@@ -1,0 +1,178 @@
+"""A causal single-codebook speech codec (tokenizer + token-to-wave decoder).
+
+Encoder: log-mel (10 ms hop) → causal convs → ÷4 downsample → one 25 Hz frame → continuous feature
+``h`` (the listening channel's input, as the LSLM paper uses vq-wav2vec's unquantized features) →
+latent → nearest codebook entry (the speaking channel's token).
+Decoder: code → causal convs → ×4 upsample → per-hop STFT magnitude and phase → inverse STFT by
+overlap-add (Vocos-style, cheap and streamable).
+
+Every stateful layer keeps its past per slot in tensors the caller allocates (``init_state``), so the
+engine runs many sessions in one batched ``encode_step`` / ``decode_step``; running the steps from a
+zero state equals the offline ``encode`` / ``decode`` used for training (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+
+from speech.config import CodecConfig
+from speech.streaming import CausalConv1d, hann_ola_norm
+
+
+class VectorQuantizer(nn.Module):
+    """One codebook; nearest-neighbour lookup. EMA updates live in the training recipe."""
+
+    def __init__(self, codebook_size: int, dim: int) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(torch.randn(codebook_size, dim) * 0.5)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """``z`` (..., D) → codes (...) by squared distance."""
+        flat = z.reshape(-1, z.shape[-1])
+        dist = (
+            flat.pow(2).sum(-1, keepdim=True)
+            - 2 * flat @ self.codebook.t()
+            + self.codebook.pow(2).sum(-1)[None, :]
+        )
+        return dist.argmin(-1).reshape(z.shape[:-1])
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        return F.embedding(codes, self.codebook)
+
+
+class SpeechCodec(nn.Module):
+    def __init__(self, cfg: CodecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c, lat = cfg.channels, cfg.latent_dim
+        self.register_buffer("analysis_window", torch.hann_window(cfg.n_fft), persistent=False)
+        mel_fb = torchaudio.functional.melscale_fbanks(
+            cfg.n_fft // 2 + 1, 0.0, cfg.sample_rate / 2, cfg.n_mels, cfg.sample_rate, norm="slaney",
+            mel_scale="slaney",
+        )
+        self.register_buffer("mel_fb", mel_fb, persistent=False)  # (F, n_mels)
+        # encoder
+        self.enc_in = CausalConv1d(cfg.n_mels, c, 3)
+        self.enc_mid = CausalConv1d(c, c, 3)
+        self.enc_down = nn.Conv1d(c, c, cfg.frame_hops, stride=cfg.frame_hops)
+        self.enc_frame = CausalConv1d(c, c, 3)
+        self.enc_latent = nn.Conv1d(c, lat, 1)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, lat)
+        # decoder
+        self.dec_frame = CausalConv1d(lat, c, 3)
+        self.dec_up = nn.ConvTranspose1d(c, c, cfg.frame_hops, stride=cfg.frame_hops)
+        self.dec_mid = CausalConv1d(c, c, 3)
+        n_bins = cfg.synth_n_fft // 2 + 1
+        self.dec_head = nn.Conv1d(c, 2 * n_bins, 1)
+        self.register_buffer("synthesis_window", torch.hann_window(cfg.synth_n_fft), persistent=False)
+        self.ola_norm = hann_ola_norm(cfg.synth_n_fft, cfg.hop_length)
+
+    # ---------------------------------------------------------------- shared pieces
+    def _log_mel(self, wav: Tensor) -> Tensor:
+        """``wav`` (B, N) with N = n_fft - hop + k·hop → log-mel (B, n_mels, k); no centring."""
+        spec = torch.stft(
+            wav, self.cfg.n_fft, self.cfg.hop_length, window=self.analysis_window, center=False,
+            return_complex=True,
+        )
+        power = spec.real.square() + spec.imag.square()  # (B, F, k)
+        mel = torch.einsum("bft,fm->bmt", power, self.mel_fb)
+        return torch.log(mel.clamp_min(1e-5))
+
+    def _head_to_frames(self, h: Tensor) -> Tensor:
+        """Decoder head (B, 2F, k) → windowed time frames (B, k, synth_n_fft)."""
+        log_mag, phase = self.dec_head(h).transpose(1, 2).chunk(2, dim=-1)
+        mag = torch.exp(log_mag.clamp(max=6.0))
+        spec = torch.polar(mag, phase)
+        return torch.fft.irfft(spec, n=self.cfg.synth_n_fft) * self.synthesis_window
+
+    # ---------------------------------------------------------------- offline (training)
+    def encode_features(self, wav: Tensor) -> Tensor:
+        """``wav`` (B, T·frame_size) → continuous features (B, T, channels), causal."""
+        cfg = self.cfg
+        if wav.shape[-1] % cfg.frame_size:
+            raise ValueError(f"audio length must be a multiple of the frame size {cfg.frame_size}")
+        wav = F.pad(wav, (cfg.n_fft - cfg.hop_length, 0))
+        x = self._log_mel(wav)
+        x = F.gelu(self.enc_in(x))
+        x = F.gelu(self.enc_mid(x))
+        x = F.gelu(self.enc_down(x))
+        return F.gelu(self.enc_frame(x)).transpose(1, 2)
+
+    def encode(self, wav: Tensor) -> Tensor:
+        """``wav`` (B, T·frame_size) → codes (B, T)."""
+        h = self.encode_features(wav)
+        z = self.enc_latent(h.transpose(1, 2)).transpose(1, 2)
+        return self.quantizer.quantize(z)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """``codes`` (B, T) → waveform (B, T·frame_size); equals T decode steps from a zero state."""
+        cfg = self.cfg
+        x = self.quantizer.lookup(codes).transpose(1, 2)
+        x = F.gelu(self.dec_frame(x))
+        x = F.gelu(self.dec_up(x))
+        x = F.gelu(self.dec_mid(x))
+        frames = self._head_to_frames(x)  # (B, k, n)
+        k = frames.shape[1]
+        out_len = (k - 1) * cfg.hop_length + cfg.synth_n_fft
+        wav = F.fold(
+            frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, cfg.synth_n_fft),
+            stride=(1, cfg.hop_length),
+        ).reshape(frames.shape[0], out_len)
+        return wav[:, : codes.shape[1] * cfg.frame_size] / self.ola_norm
+
+    # ---------------------------------------------------------------- streaming (serving)
+    def init_state(self, slots: int, device: torch.device | str = "cpu", dtype=torch.float32) -> dict[str, Tensor]:
+        """Preallocated per-slot streaming state for encoder and decoder."""
+        cfg = self.cfg
+
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(slots, *shape, device=device, dtype=dtype)
+
+        return {
+            "mel_ctx": z(cfg.n_fft - cfg.hop_length),
+            "enc_in": z(*self.enc_in.state_shape()),
+            "enc_mid": z(*self.enc_mid.state_shape()),
+            "enc_frame": z(*self.enc_frame.state_shape()),
+            "dec_frame": z(*self.dec_frame.state_shape()),
+            "dec_mid": z(*self.dec_mid.state_shape()),
+            "ola": z(cfg.synth_n_fft - cfg.hop_length),
+        }
+
+    def encode_step(
+        self, audio: Tensor, state: dict[str, Tensor], with_codes: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """One frame for B slots: ``audio`` (B, frame_size) → features (B, channels), codes (B,) or None.
+
+        ``state`` holds (B, ...) views of the slots' rows; updated in place. The listening channel only
+        needs the continuous features, so the quantizer runs only when ``with_codes``.
+        """
+        ctx = state["mel_ctx"]
+        wav = torch.cat([ctx, audio], dim=-1)
+        ctx.copy_(wav[:, -ctx.shape[1] :])
+        x = self._log_mel(wav)  # (B, n_mels, frame_hops)
+        x = F.gelu(self.enc_in.step(x, state["enc_in"]))
+        x = F.gelu(self.enc_mid.step(x, state["enc_mid"]))
+        x = F.gelu(self.enc_down(x))  # (B, C, 1)
+        h = F.gelu(self.enc_frame.step(x, state["enc_frame"]))
+        codes = self.quantizer.quantize(self.enc_latent(h).squeeze(-1)) if with_codes else None
+        return h.squeeze(-1), codes
+
+    def decode_step(self, codes: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """One frame for B slots: ``codes`` (B,) → waveform (B, frame_size); ``state`` updated in place."""
+        cfg = self.cfg
+        x = self.quantizer.lookup(codes).unsqueeze(-1)  # (B, lat, 1)
+        x = F.gelu(self.dec_frame.step(x, state["dec_frame"]))
+        x = F.gelu(self.dec_up(x))  # (B, C, hops)
+        x = F.gelu(self.dec_mid.step(x, state["dec_mid"]))
+        frames = self._head_to_frames(x)  # (B, hops, n)
+        ola = state["ola"]
+        hop, n = cfg.hop_length, cfg.synth_n_fft
+        buf = torch.zeros(codes.shape[0], n + (cfg.frame_hops - 1) * hop, device=ola.device, dtype=ola.dtype)
+        buf[:, : ola.shape[1]] += ola
+        for i in range(cfg.frame_hops):
+            buf[:, i * hop : i * hop + n] += frames[:, i]
+        ola.copy_(buf[:, cfg.frame_size :])
+        return buf[:, : cfg.frame_size] / self.ola_norm

@@ -1,0 +1,135 @@
+"""Configurations of the speech models: the codec and the listening-while-speaking LM (LSLM).
+
+Every size lives here as a dataclass, validated once, so that training recipes, checkpoints and the
+serving engine agree on shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Fusion = Literal["early", "middle", "late", "none"]
+
+
+@dataclass
+class CodecConfig:
+    """A causal single-codebook speech codec: log-mel → conv encoder → VQ → conv decoder → iSTFT.
+
+    One codec frame is ``frame_hops`` mel hops: 4 × 10 ms = 40 ms at 16 kHz (25 Hz tokens).
+    """
+
+    sample_rate: int = 16000
+    hop_length: int = 160
+    n_fft: int = 400
+    n_mels: int = 80
+    frame_hops: int = 4
+    channels: int = 256
+    latent_dim: int = 128
+    codebook_size: int = 1024
+    synth_n_fft: int = 640  # the decoder's iSTFT window; hop is hop_length (4x overlap, COLA for hann^2)
+
+    def __post_init__(self) -> None:
+        if self.n_fft < self.hop_length:
+            raise ValueError(f"n_fft ({self.n_fft}) must be >= hop_length ({self.hop_length})")
+        if self.synth_n_fft % self.hop_length:
+            raise ValueError("synth_n_fft must be a multiple of hop_length for constant overlap-add")
+        if self.codebook_size < 2:
+            raise ValueError("codebook_size must be at least 2")
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per codec frame at ``sample_rate``."""
+        return self.hop_length * self.frame_hops
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.frame_size
+
+
+@dataclass
+class LSLMConfig:
+    """The speaking channel (decoder-only TTS over codec tokens) and its fusion with the listening channel.
+
+    Paper size is d=768, 12 layers, 12 heads; the default here is small enough for a CPU.
+    """
+
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 1024
+    text_vocab: int = 259  # byte tokenizer: 256 bytes + pad, bos, eos (speech.text)
+    max_text_len: int = 256
+    max_speech_len: int = 750  # 30 s at 25 Hz
+    fusion: Fusion = "middle"
+    listen_dim: int = 256  # the codec encoder's continuous feature size (CodecConfig.channels)
+    dropout: float = 0.0
+    codebook_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.fusion not in ("early", "middle", "late", "none"):
+            raise ValueError(f"fusion must be early, middle, late or none, not {self.fusion!r}")
+
+    # Output vocabulary: codec codes, then the two control tokens.
+    @property
+    def eos_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def irq_id(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def out_vocab(self) -> int:
+        return self.codebook_size + 2
+
+    # Input vocabulary of the speech positions: codec codes, then BOS of speech.
+    @property
+    def speech_bos_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_text_len + self.max_speech_len + 1
+
+
+@dataclass
+class VoiceModelConfig:
+    """Everything the full-duplex voice model needs: codec + LSLM + decoding choices."""
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    lslm: LSLMConfig = field(default_factory=LSLMConfig)
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        if self.lslm.codebook_size != self.codec.codebook_size:
+            raise ValueError("lslm.codebook_size must equal codec.codebook_size")
+        if self.lslm.listen_dim != self.codec.channels:
+            raise ValueError("lslm.listen_dim must equal codec.channels (the listening features)")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VoiceModelConfig:
+        return cls(
+            codec=CodecConfig(**d.get("codec", {})),
+            lslm=LSLMConfig(**d.get("lslm", {})),
+            temperature=d.get("temperature", 0.0),
+            top_k=d.get("top_k", 50),
+        )
+
+    @classmethod
+    def tiny(cls) -> VoiceModelConfig:
+        """A very small configuration for tests."""
+        codec = CodecConfig(channels=32, latent_dim=16, codebook_size=64)
+        lslm = LSLMConfig(
+            d_model=32, n_layers=2, n_heads=2, d_ff=64, max_text_len=64, max_speech_len=200,
+            listen_dim=32, codebook_size=64,
+        )
+        return cls(codec=codec, lslm=lslm)

@@ -1,0 +1,166 @@
+"""The voice model's pieces: streaming equals offline, fusion really fuses, batched equals one-by-one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speech.codec import SpeechCodec
+from speech.config import LSLMConfig, VoiceModelConfig
+from speech.duplex import (
+    EV_AUDIO,
+    EV_EOS,
+    EV_IRQ,
+    EV_LISTEN,
+    DuplexVoiceModel,
+    load_voice_checkpoint,
+    save_voice_checkpoint,
+)
+from speech.lslm import LSLM
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_codec_streaming_equals_offline():
+    cfg = VoiceModelConfig.tiny().codec
+    codec = SpeechCodec(cfg).eval()
+    frames = 7
+    wav = torch.randn(3, frames * cfg.frame_size) * 0.1
+    with torch.no_grad():
+        feats, codes = codec.encode_features(wav), codec.encode(wav)
+        recon = codec.decode(codes)
+        state = codec.init_state(3)
+        f_s, c_s, y_s = [], [], []
+        for t in range(frames):
+            f, c = codec.encode_step(wav[:, t * cfg.frame_size : (t + 1) * cfg.frame_size], state, with_codes=True)
+            f_s.append(f)
+            c_s.append(c)
+            y_s.append(codec.decode_step(codes[:, t], state))
+    torch.testing.assert_close(torch.stack(f_s, 1), feats)
+    assert torch.equal(torch.stack(c_s, 1), codes)
+    torch.testing.assert_close(torch.cat(y_s, 1), recon, atol=1e-6, rtol=1e-5)
+    assert recon.shape == wav.shape
+
+
+def test_codec_rejects_partial_frames():
+    codec = SpeechCodec(VoiceModelConfig.tiny().codec)
+    with pytest.raises(ValueError, match="multiple of the frame size"):
+        codec.encode(torch.zeros(1, 1000))
+
+
+@pytest.mark.parametrize("fusion", ["early", "middle", "late", "none"])
+def test_lslm_cached_decode_equals_teacher_forcing(fusion):
+    cfg = VoiceModelConfig.tiny().lslm
+    cfg.fusion = fusion
+    model = LSLM(cfg).eval()
+    text = torch.randint(0, 256, (1, 6))
+    speech = torch.randint(0, cfg.codebook_size, (1, 5))
+    speech[:, 0] = cfg.speech_bos_id
+    listen = torch.randn(1, 5, cfg.listen_dim)
+    with torch.no_grad():
+        ref = model(text, speech, listen)
+        k, v = model.init_cache(3, "cpu", torch.float32)
+        model.prefill(text[0], k[:, 2], v[:, 2])
+        steps = [
+            model.decode_step(speech[:, t], torch.tensor([6 + t]), listen[:, t], k[:, 2:3], v[:, 2:3], 6 + t + 1)
+            for t in range(5)
+        ]
+    torch.testing.assert_close(torch.stack(steps, 1), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fusion,listens", [("early", True), ("middle", True), ("late", True), ("none", False)])
+def test_fusion_uses_the_listening_channel(fusion, listens):
+    cfg = VoiceModelConfig.tiny().lslm
+    cfg.fusion = fusion
+    model = LSLM(cfg).eval()
+    text = torch.randint(0, 256, (1, 4))
+    speech = torch.full((1, 3), cfg.speech_bos_id)
+    with torch.no_grad():
+        a = model(text, speech, torch.zeros(1, 3, cfg.listen_dim))
+        b = model(text, speech, torch.randn(1, 3, cfg.listen_dim))
+    assert (not torch.allclose(a, b)) == listens
+
+
+def test_lslm_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        LSLMConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="fusion"):
+        LSLMConfig(fusion="sideways")
+
+
+def _speak_all(model: DuplexVoiceModel, n: int) -> None:
+    for i in range(n):
+        model.start_speaking(i, f"sentence number {i} to say")
+
+
+def test_batched_step_equals_one_session_at_a_time():
+    cfg = VoiceModelConfig.tiny()
+    audio = torch.randn(6, 4, cfg.codec.frame_size) * 0.1
+    a, b = DuplexVoiceModel(cfg, 4, seed=1), DuplexVoiceModel(cfg, 4, seed=1)
+    _speak_all(a, 4)
+    _speak_all(b, 4)
+    for t in range(6):
+        out_a = a.step(0, 4, audio[t])
+        outs_b = [b.step(i, i + 1, audio[t, i : i + 1]) for i in range(4)]
+        assert np.array_equal(out_a.events, np.concatenate([o.events for o in outs_b]))
+        torch.testing.assert_close(out_a.audio, torch.cat([o.audio for o in outs_b]), atol=1e-5, rtol=1e-4)
+
+
+def test_move_slot_keeps_the_stream():
+    cfg = VoiceModelConfig.tiny()
+    audio = torch.randn(5, cfg.codec.frame_size) * 0.1
+    a, b = DuplexVoiceModel(cfg, 3, seed=2), DuplexVoiceModel(cfg, 3, seed=2)
+    a.start_speaking(0, "hello")
+    b.start_speaking(2, "hello")
+    for t in range(2):
+        a.step(0, 1, audio[t : t + 1])
+        b.step(2, 3, audio[t : t + 1])
+    b.move_slot(2, 0)
+    for t in range(2, 5):
+        oa, ob = a.step(0, 1, audio[t : t + 1]), b.step(0, 1, audio[t : t + 1])
+        torch.testing.assert_close(oa.audio, ob.audio)
+
+
+def test_events_follow_the_logits():
+    cfg = VoiceModelConfig.tiny()
+    m = DuplexVoiceModel(cfg, 3)
+    silence = torch.zeros(3, cfg.codec.frame_size)
+    m.start_speaking(0, "one")
+    m.start_speaking(1, "two")
+    out = m.step(0, 3, silence)
+    assert list(out.events) == [EV_AUDIO, EV_AUDIO, EV_LISTEN]
+    m.set_logit_bias(cfg.lslm.irq_id, 1e4)
+    out = m.step(0, 3, silence)
+    assert list(out.events) == [EV_IRQ, EV_IRQ, EV_LISTEN]
+    assert not m.speaking.any()
+    m.set_logit_bias(cfg.lslm.irq_id, 0.0)
+    m.set_logit_bias(cfg.lslm.eos_id, 1e4)
+    m.start_speaking(2, "three")
+    assert list(m.step(0, 3, silence).events) == [EV_LISTEN, EV_LISTEN, EV_EOS]
+
+
+def test_text_over_the_limit_is_refused():
+    m = DuplexVoiceModel(VoiceModelConfig.tiny(), 1)
+    with pytest.raises(ValueError, match="at most"):
+        m.start_speaking(0, "x" * 1000)
+
+
+def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
+    cfg = VoiceModelConfig.tiny()
+    codec, lslm = SpeechCodec(cfg.codec), LSLM(cfg.lslm)
+    path = tmp_path / "voice.safetensors"
+    save_voice_checkpoint(path, cfg, codec, lslm)
+    cfg2, codec2, lslm2 = load_voice_checkpoint(path)
+    assert cfg2 == cfg
+    for (k, v), (k2, v2) in zip(lslm.state_dict().items(), lslm2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_voice_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_voice_checkpoint(tmp_path / "missing.safetensors")
