@@ -370,10 +370,14 @@ class Engine:
         if underruns:
             self.metrics.input_underruns.inc(underruns)
         self._audio_dev[:n].copy_(self._audio_host[:n], non_blocking=True)
-        if self.cfg.batched:
-            results = [(0, self.model.step(0, n, self._audio_dev[:n]))]
-        else:
-            results = [(i, self.model.step(i, i + 1, self._audio_dev[i : i + 1])) for i in range(n)]
+        try:
+            if self.cfg.batched:
+                results = [(0, self.model.step(0, n, self._audio_dev[:n]))]
+            else:
+                results = [(i, self.model.step(i, i + 1, self._audio_dev[i : i + 1])) for i in range(n)]
+        except Exception as e:  # e.g. device out of memory: fail what was running, keep serving
+            self._step_failed(e)
+            return
         self.stats.ticks += 1
         self.stats.batch.append(n)
         self.stats.max_batch = max(self.stats.max_batch, n)
@@ -404,6 +408,22 @@ class Engine:
                     self._finish(h, "interrupted", out)
         for h in live:
             h.frames_stepped += 1
+        if out:
+            self._emit(out)
+
+    def _step_failed(self, err: Exception) -> None:
+        log.exception("model step failed; failing the running responses")
+        self.metrics.step_failures.inc()
+        if isinstance(err, torch.OutOfMemoryError) and self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        out: list = []
+        for h in self._live:
+            if h.response_id is not None:
+                rid = h.response_id
+                self.model.stop_speaking(h.slot)
+                h.response_id = None
+                self.metrics.responses.labels("failed").inc()
+                out.append((h, "done", rid, ("failed", f"the voice model failed: {type(err).__name__}")))
         if out:
             self._emit(out)
 

@@ -37,4 +37,5 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
         )
         self.responses = Counter("realtime_responses_total", "Responses finished", ["status"], registry=r)
+        self.step_failures = Counter("realtime_step_failures_total", "Model steps that raised", registry=r)
         self.interruptions = Counter("realtime_interruptions_total", "IRQ tokens emitted while speaking", registry=r)

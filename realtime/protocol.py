@@ -232,8 +232,143 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
+class _ServerEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event_id: str = Field(default_factory=lambda: new_id("event"))
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["invalid_request_error", "server_error"]
+    code: ErrorCode
+    message: str
+    param: str | None = None
+    event_id: str | None = None
+
+
+class ErrorEvent(_ServerEvent):
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+class SessionEvent(_ServerEvent):
+    type: Literal["session.created", "session.updated"]
+    session: dict[str, Any]
+
+
+ResponseStatus = Literal["in_progress", "completed", "interrupted", "cancelled", "incomplete", "failed"]
+
+
+class ResponseObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["realtime.response"] = "realtime.response"
+    status: ResponseStatus
+    status_details: dict[str, Any] | None = None
+    output: list[dict[str, Any]]
+    conversation_id: str
+    output_modalities: list[str] | None = None
+    modalities: list[str] | None = None  # beta
+    audio_duration_ms: int | None = None
+
+
+class ResponseEvent(_ServerEvent):
+    type: Literal["response.created", "response.done"]
+    response: ResponseObject
+
+
+class _ContentRef(_ServerEvent):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class AudioDelta(_ContentRef):
+    """Built on the hot path by ``audio_delta_event``; the model is its schema."""
+
+    type: Literal["response.output_audio.delta", "response.audio.delta"]
+    delta: str  # base64 PCM16
+
+
+class TranscriptDelta(_ContentRef):
+    type: Literal["response.output_audio_transcript.delta", "response.audio_transcript.delta"]
+    delta: str
+
+
+class AudioDone(_ContentRef):
+    type: Literal["response.output_audio.done", "response.audio.done"]
+
+
+class TranscriptDone(_ContentRef):
+    type: Literal["response.output_audio_transcript.done", "response.audio_transcript.done"]
+    transcript: str
+
+
+class OutputItemEvent(_ServerEvent):
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    response_id: str
+    output_index: int = 0
+    item: dict[str, Any]
+
+
+class ItemEvent(_ServerEvent):
+    type: Literal["conversation.item.added", "conversation.item.done", "conversation.item.created"]
+    previous_item_id: str | None = None
+    item: dict[str, Any]
+
+
+class ItemTruncated(_ServerEvent):
+    type: Literal["conversation.item.truncated"]
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+class SpeechStarted(_ServerEvent):
+    type: Literal["input_audio_buffer.speech_started"]
+    audio_start_ms: int
+    item_id: str
+
+
+class SpeechStopped(_ServerEvent):
+    type: Literal["input_audio_buffer.speech_stopped"]
+    audio_end_ms: int
+    item_id: str | None
+
+
+class BufferCleared(_ServerEvent):
+    type: Literal["input_audio_buffer.cleared"]
+
+
+class BufferCommitted(_ServerEvent):
+    type: Literal["input_audio_buffer.committed"]
+    item_id: str
+    previous_item_id: str | None = None
+
+
+ServerEvent = Annotated[
+    ErrorEvent | SessionEvent | ResponseEvent | AudioDelta | TranscriptDelta | AudioDone | TranscriptDone
+    | OutputItemEvent | ItemEvent | ItemTruncated | SpeechStarted | SpeechStopped | BufferCleared | BufferCommitted,
+    Field(discriminator="type"),
+]
+_server_event = TypeAdapter(ServerEvent)
+
+
 def server_event(type_: str, **fields: Any) -> dict[str, Any]:
-    return {"type": type_, "event_id": new_id("event"), **fields}
+    """Build a server event through its schema (a wrong field is a bug and raises here, not at the client)."""
+    return _server_event.validate_python({"type": type_, **fields}).model_dump(mode="json", exclude_none=False)
+
+
+def parse_server_event(data: dict[str, Any]) -> BaseModel:
+    """Validate an event a client received (tests check every event the server sends with this)."""
+    return _server_event.validate_python(data)
+
+
+def audio_delta_event(response_id: str, item_id: str, pcm_b64: str) -> dict[str, Any]:
+    """The hot-path event (25 per second per session): a plain dict of the ``AudioDelta`` schema."""
+    return {"type": "response.output_audio.delta", "event_id": new_id("event"), "response_id": response_id,
+            "item_id": item_id, "output_index": 0, "content_index": 0, "delta": pcm_b64}
 
 
 def error_event(err: ProtocolError) -> dict[str, Any]:

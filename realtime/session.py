@@ -88,7 +88,8 @@ class RealtimeSession:
         self._vad = EnergyVAD()
         self._input_samples = 0  # wire-rate samples received
         self._speech_item: str | None = None
-        self._done = asyncio.Event()
+        self._sender: asyncio.Task | None = None
+        self._receiver: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -104,21 +105,26 @@ class RealtimeSession:
             return
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
-        sender = asyncio.create_task(self._send_loop())
+        self._sender = asyncio.create_task(self._send_loop())
+        self._receiver = asyncio.create_task(self._receive_loop())
         try:
             self._send(P.server_event("session.created", session=self._session_object()))
-            await self._receive_loop()
+            try:
+                await self._receiver
+            except asyncio.CancelledError:
+                if self._closing is None:  # cancelled from outside (server shutdown): propagate
+                    raise
         finally:
+            self._receiver.cancel()
             self.engine.close(self.handle)
             self.metrics.sessions_active.dec()
-            self._done.set()
             if self._closing is None:
                 self._closing = (CloseCode.NORMAL, "")
             await self._put_sentinel()
             try:
-                await asyncio.wait_for(sender, timeout=5.0)
-            except (TimeoutError, Exception):
-                sender.cancel()
+                await asyncio.wait_for(self._sender, timeout=5.0)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                self._sender.cancel()
 
     def _subprotocol(self) -> str | None:
         offered = self.ws.scope.get("subprotocols") or []
@@ -182,9 +188,14 @@ class RealtimeSession:
         try:
             self._out.put_nowait(event)
         except asyncio.QueueFull:
+            # The client stopped reading: its sender is stuck on the socket. Free everything now; the
+            # transport is closed when the app returns. Memory stays bounded by send_queue_max.
             self.metrics.refusals.labels("slow_consumer").inc()
-            log.warning("session %s: client is not reading; closing", self.id)
-            self._close_soon(CloseCode.TRY_AGAIN_LATER, "send buffer full: the client is not reading")
+            log.warning("session %s: client is not reading; dropping it", self.id)
+            self._closing = (CloseCode.TRY_AGAIN_LATER, "send buffer full: the client is not reading")
+            for task in (self._sender, self._receiver):
+                if task is not None:
+                    task.cancel()
 
     def _close_soon(self, code: int, reason: str) -> None:
         if self._closing is None:
@@ -408,10 +419,7 @@ class RealtimeSession:
             if self.state.binary_audio:
                 self._send(P.binary_frame(BinaryKind.AUDIO, pcm))
             else:
-                self._send(P.server_event(
-                    "response.output_audio.delta", response_id=r.id, item_id=r.item_id, output_index=0,
-                    content_index=0, delta=base64.b64encode(pcm).decode("ascii"),
-                ))
+                self._send(P.audio_delta_event(r.id, r.item_id, base64.b64encode(pcm).decode("ascii")))
         elif kind == "irq":
             # the model heard the user barge in: tell the client to drop what it buffered
             self._speech_item = P.new_id("item")

@@ -178,3 +178,38 @@ def test_engine_irq_stops_within_the_frame_and_eos_completes():
     i = kinds.index("irq")
     assert kinds[i + 1 :] == ["done"] and a.events[-1][2][0] == "interrupted"
     assert [k for k, _, _ in b.events] == ["done"] and b.events[-1][2][0] == "completed"
+
+
+def test_a_failing_step_fails_the_responses_and_the_engine_goes_on():
+    model = tiny_model(2)
+    engine = Engine(model, EngineConfig(capacity=2))
+    real_step = model.step
+    calls = {"n": 0}
+
+    def flaky_step(lo, hi, audio):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_step(lo, hi, audio)
+
+    model.step = flaky_step
+    engine.start()
+    try:
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            a = Recorder()
+            h = engine.open(a, loop)
+            engine.speak(h, "r1", "words", None)
+            await asyncio.sleep(0.4)
+            engine.speak(h, "r2", "more words", 3)
+            await asyncio.sleep(0.4)
+            engine.close(h)
+            return a
+
+        a = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    dones = [(rid, p[0]) for k, rid, p in a.events if k == "done"]
+    assert dones[0] == ("r1", "failed")
+    assert dones[1] == ("r2", "incomplete")  # the loop survived and served the next response
+    assert engine.metrics.step_failures._value.get() == 1

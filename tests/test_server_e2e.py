@@ -13,6 +13,7 @@ import pytest
 import websockets
 
 from realtime.audio import float_to_pcm16, pcm16_to_float
+from realtime.protocol import parse_server_event
 from tests.conftest import run, tiny_model
 
 FRAME_WIRE = 960  # 40 ms at 24 kHz
@@ -39,6 +40,8 @@ class Conn:
     async def next(self, timeout: float = 10.0):
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
         ev = raw if isinstance(raw, bytes) else json.loads(raw)
+        if isinstance(ev, dict):
+            parse_server_event(ev)  # every event the server sends must follow the documented schema
         self.seen.append(ev)
         return ev
 
@@ -412,3 +415,38 @@ def test_the_embedded_default_model_serves(make_server):
     conn, done = run(scenario())
     assert done["response"]["status"] in ("completed", "incomplete", "interrupted")
     assert conn.audio().shape[0] % FRAME_WIRE == 0
+
+
+def test_a_client_that_stops_reading_is_dropped_and_others_go_on(make_server):
+    import socket
+    import time
+
+    srv = make_server(send_queue_max=8, capacity=3, events_per_second=1e6, event_burst=1_000_000)
+
+    async def scenario():
+        other = await Conn.open(srv.ws_url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that never reads
+        sock.connect(("127.0.0.1", srv.port))
+        slow = await websockets.connect(srv.ws_url, sock=sock, max_size=None)
+        # each update is echoed back in full (~4 KB): megabytes of replies pile up unread
+        big = json.dumps({"type": "session.update", "session": {"instructions": "x" * 3900}})
+        for _ in range(4000):
+            try:
+                await asyncio.wait_for(slow.send(big), 1.0)
+            except (TimeoutError, websockets.ConnectionClosed):
+                break
+        deadline = time.monotonic() + 30
+        while get_json(f"{srv.http_url}/readyz")["sessions"] > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await other.send(user_text("I am still served"))
+        await other.send({"type": "response.create", "response": {"max_output_tokens": 3}})
+        done = await other.until("response.done")
+        await other.ws.close()
+        slow.transport.abort()
+        return done
+
+    done = run(scenario())
+    assert done["response"]["status"] == "incomplete"
+    metrics = urllib.request.urlopen(f"{srv.http_url}/metrics").read().decode()
+    assert 'realtime_refusals_total{reason="slow_consumer"} 1.0' in metrics
