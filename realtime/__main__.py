@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "host": args.host, "port": args.port, "device": args.device, "capacity": args.capacity,
-        "engine_mode": args.engine_mode, "voice_checkpoint": args.voice_checkpoint, "log_level": args.log_level,
+        "engine_mode": args.engine_mode, "voice_dir": args.voice_dir, "log_level": args.log_level,
         "api_keys": args.api_key or None,
     }
     settings = Settings.load(overrides)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", action="append", help="accepted API key; repeat for several (default: no auth)")
     s.add_argument("--capacity", type=int, help="concurrent voice sessions before refusing (default 16)")
     s.add_argument("--engine-mode", choices=["batched", "sequential"], help="batched step (default) or one session per step")
-    s.add_argument("--voice-checkpoint", help="a voice checkpoint (.safetensors) instead of the embedded default")
+    s.add_argument("--voice-dir", help="a folder with codec.safetensors / lslm.safetensors instead of the embedded default")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 

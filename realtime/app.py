@@ -28,13 +28,11 @@ __version__ = "0.1.0"
 
 def build_voice_model(settings: Settings) -> VoiceModel:
     """The default voice model, or the checkpoint the settings name, on the resolved device."""
-    from speech.duplex import DuplexVoiceModel, load_default_voice_model, load_voice_checkpoint
+    from speech.duplex import load_default_voice_model, load_voice_model
 
     device = settings.resolved_device()
-    if settings.voice_checkpoint:
-        cfg, codec, lslm = load_voice_checkpoint(settings.voice_checkpoint)
-        return DuplexVoiceModel(cfg, settings.capacity, device, codec=codec, lslm=lslm,
-                                weights_note=settings.voice_checkpoint)
+    if settings.voice_dir:
+        return load_voice_model(settings.voice_dir, settings.capacity, device)
     return load_default_voice_model(settings.capacity, device)
 
 

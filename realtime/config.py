@@ -15,7 +15,7 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     capacity: int = 16  # concurrent voice sessions; more are refused
     engine_mode: str = "batched"  # batched | sequential (one session per model call: the baseline)
-    voice_checkpoint: str = ""  # empty: the embedded default
+    voice_dir: str = ""  # a folder with codec.safetensors / lslm.safetensors; empty: the embedded default
     max_message_bytes: int = 2 * 1024 * 1024  # websocket frame limit (larger frames close with 1009)
     max_audio_bytes: int = 512 * 1024  # decoded PCM per append event (~10 s at 24 kHz)
     max_text_chars: int = 4000

@@ -1,10 +1,10 @@
 """A causal single-codebook speech codec (tokenizer + token-to-wave decoder).
 
-Encoder: log-mel (10 ms hop) → causal convs → ÷4 downsample → one 25 Hz frame → continuous feature
-``h`` (the listening channel's input, as the LSLM paper uses vq-wav2vec's unquantized features) →
-latent → nearest codebook entry (the speaking channel's token).
-Decoder: code → causal convs → ×4 upsample → per-hop STFT magnitude and phase → inverse STFT by
-overlap-add (Vocos-style, cheap and streamable).
+Encoder: log-mel (10 ms hop) → causal residual convs → ÷4 downsample → one 25 Hz frame → continuous
+feature ``h`` (the listening channel's input, as the LSLM paper uses vq-wav2vec's unquantized features)
+→ latent → nearest codebook entry (the speaking channel's token).
+Decoder: code → causal residual convs → ×4 upsample → causal residual convs → per-hop STFT magnitude
+and phase → inverse STFT by overlap-add (Vocos-style: cheap and streamable).
 
 Every stateful layer keeps its past per slot in tensors the caller allocates (``init_state``), so the
 engine runs many sessions in one batched ``encode_step`` / ``decode_step``; running the steps from a
@@ -19,24 +19,25 @@ import torchaudio
 from torch import Tensor, nn
 
 from speech.config import CodecConfig
-from speech.streaming import CausalConv1d, hann_ola_norm
+from speech.streaming import CausalConv1d, CausalStack, hann_ola_norm, name_states
 
 
 class VectorQuantizer(nn.Module):
-    """One codebook; nearest-neighbour lookup. EMA updates live in the training recipe."""
+    """One codebook of unit vectors, nearest-neighbour (cosine) lookup; training updates it by EMA.
+
+    Latents and codes live on the unit sphere: this keeps the encoder from drifting away from the
+    codebook and collapsing onto one code (as improved VQGAN does).
+    """
 
     def __init__(self, codebook_size: int, dim: int) -> None:
         super().__init__()
-        self.codebook = nn.Parameter(torch.randn(codebook_size, dim) * 0.5)
+        self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, dim), dim=-1))
 
     def quantize(self, z: Tensor) -> Tensor:
         """``z`` (..., D) → codes (...) by squared distance."""
         flat = z.reshape(-1, z.shape[-1])
-        dist = (
-            flat.pow(2).sum(-1, keepdim=True)
-            - 2 * flat @ self.codebook.t()
-            + self.codebook.pow(2).sum(-1)[None, :]
-        )
+        cb = self.codebook
+        dist = flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(-1)[None, :]
         return dist.argmin(-1).reshape(z.shape[:-1])
 
     def lookup(self, codes: Tensor) -> Tensor:
@@ -56,22 +57,24 @@ class SpeechCodec(nn.Module):
         self.register_buffer("mel_fb", mel_fb, persistent=False)  # (F, n_mels)
         # encoder
         self.enc_in = CausalConv1d(cfg.n_mels, c, 3)
-        self.enc_mid = CausalConv1d(c, c, 3)
+        self.enc_blocks = CausalStack(c, cfg.enc_blocks)
         self.enc_down = nn.Conv1d(c, c, cfg.frame_hops, stride=cfg.frame_hops)
-        self.enc_frame = CausalConv1d(c, c, 3)
+        self.enc_frame = CausalStack(c, cfg.frame_blocks)
         self.enc_latent = nn.Conv1d(c, lat, 1)
         self.quantizer = VectorQuantizer(cfg.codebook_size, lat)
         # decoder
-        self.dec_frame = CausalConv1d(lat, c, 3)
+        self.dec_in = CausalConv1d(lat, c, 3)
+        self.dec_frame = CausalStack(c, cfg.frame_blocks)
         self.dec_up = nn.ConvTranspose1d(c, c, cfg.frame_hops, stride=cfg.frame_hops)
-        self.dec_mid = CausalConv1d(c, c, 3)
+        self.dec_blocks = CausalStack(c, cfg.dec_blocks)
         n_bins = cfg.synth_n_fft // 2 + 1
         self.dec_head = nn.Conv1d(c, 2 * n_bins, 1)
         self.register_buffer("synthesis_window", torch.hann_window(cfg.synth_n_fft), persistent=False)
         self.ola_norm = hann_ola_norm(cfg.synth_n_fft, cfg.hop_length)
+        self._convs = name_states(self)
 
     # ---------------------------------------------------------------- shared pieces
-    def _log_mel(self, wav: Tensor) -> Tensor:
+    def log_mel(self, wav: Tensor) -> Tensor:
         """``wav`` (B, N) with N = n_fft - hop + k·hop → log-mel (B, n_mels, k); no centring."""
         spec = torch.stft(
             wav, self.cfg.n_fft, self.cfg.hop_length, window=self.analysis_window, center=False,
@@ -94,52 +97,50 @@ class SpeechCodec(nn.Module):
         cfg = self.cfg
         if wav.shape[-1] % cfg.frame_size:
             raise ValueError(f"audio length must be a multiple of the frame size {cfg.frame_size}")
-        wav = F.pad(wav, (cfg.n_fft - cfg.hop_length, 0))
-        x = self._log_mel(wav)
-        x = F.gelu(self.enc_in(x))
-        x = F.gelu(self.enc_mid(x))
+        x = self.log_mel(F.pad(wav, (cfg.n_fft - cfg.hop_length, 0)))
+        x = self.enc_blocks(self.enc_in(x))
         x = F.gelu(self.enc_down(x))
-        return F.gelu(self.enc_frame(x)).transpose(1, 2)
+        return self.enc_frame(x).transpose(1, 2)
+
+    def features_to_latent(self, h: Tensor) -> Tensor:
+        """(B, T, channels) → unit latents (B, T, latent_dim), before quantization."""
+        return F.normalize(self.enc_latent(h.transpose(1, 2)).transpose(1, 2), dim=-1)
 
     def encode(self, wav: Tensor) -> Tensor:
         """``wav`` (B, T·frame_size) → codes (B, T)."""
-        h = self.encode_features(wav)
-        z = self.enc_latent(h.transpose(1, 2)).transpose(1, 2)
-        return self.quantizer.quantize(z)
+        return self.quantizer.quantize(self.features_to_latent(self.encode_features(wav)))
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """``codes`` (B, T) → waveform (B, T·frame_size); equals T decode steps from a zero state."""
+    def decode_latent(self, q: Tensor) -> Tensor:
+        """Quantized latents (B, T, latent_dim) → waveform (B, T·frame_size)."""
         cfg = self.cfg
-        x = self.quantizer.lookup(codes).transpose(1, 2)
-        x = F.gelu(self.dec_frame(x))
+        x = self.dec_frame(self.dec_in(q.transpose(1, 2)))
         x = F.gelu(self.dec_up(x))
-        x = F.gelu(self.dec_mid(x))
-        frames = self._head_to_frames(x)  # (B, k, n)
+        frames = self._head_to_frames(self.dec_blocks(x))  # (B, k, n)
         k = frames.shape[1]
         out_len = (k - 1) * cfg.hop_length + cfg.synth_n_fft
         wav = F.fold(
             frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, cfg.synth_n_fft),
             stride=(1, cfg.hop_length),
         ).reshape(frames.shape[0], out_len)
-        return wav[:, : codes.shape[1] * cfg.frame_size] / self.ola_norm
+        return wav[:, : q.shape[1] * cfg.frame_size] / self.ola_norm
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """``codes`` (B, T) → waveform (B, T·frame_size); equals T decode steps from a zero state."""
+        return self.decode_latent(self.quantizer.lookup(codes))
 
     # ---------------------------------------------------------------- streaming (serving)
     def init_state(self, slots: int, device: torch.device | str = "cpu", dtype=torch.float32) -> dict[str, Tensor]:
-        """Preallocated per-slot streaming state for encoder and decoder."""
+        """Preallocated per-slot streaming state of every causal conv, the mel context and the OLA tail."""
         cfg = self.cfg
+        state = {m.state_key: torch.zeros(slots, *m.state_shape(), device=device, dtype=dtype) for m in self._convs}
+        state["enc_mel_ctx"] = torch.zeros(slots, cfg.n_fft - cfg.hop_length, device=device, dtype=dtype)
+        state["dec_ola"] = torch.zeros(slots, cfg.synth_n_fft - cfg.hop_length, device=device, dtype=dtype)
+        return state
 
-        def z(*shape: int) -> Tensor:
-            return torch.zeros(slots, *shape, device=device, dtype=dtype)
-
-        return {
-            "mel_ctx": z(cfg.n_fft - cfg.hop_length),
-            "enc_in": z(*self.enc_in.state_shape()),
-            "enc_mid": z(*self.enc_mid.state_shape()),
-            "enc_frame": z(*self.enc_frame.state_shape()),
-            "dec_frame": z(*self.dec_frame.state_shape()),
-            "dec_mid": z(*self.dec_mid.state_shape()),
-            "ola": z(cfg.synth_n_fft - cfg.hop_length),
-        }
+    @staticmethod
+    def decoder_state_keys(state: dict[str, Tensor]) -> list[str]:
+        """The keys to zero when a new utterance starts (the listening side keeps its state)."""
+        return [k for k in state if k.startswith("dec")]
 
     def encode_step(
         self, audio: Tensor, state: dict[str, Tensor], with_codes: bool = False
@@ -149,26 +150,24 @@ class SpeechCodec(nn.Module):
         ``state`` holds (B, ...) views of the slots' rows; updated in place. The listening channel only
         needs the continuous features, so the quantizer runs only when ``with_codes``.
         """
-        ctx = state["mel_ctx"]
+        ctx = state["enc_mel_ctx"]
         wav = torch.cat([ctx, audio], dim=-1)
         ctx.copy_(wav[:, -ctx.shape[1] :])
-        x = self._log_mel(wav)  # (B, n_mels, frame_hops)
-        x = F.gelu(self.enc_in.step(x, state["enc_in"]))
-        x = F.gelu(self.enc_mid.step(x, state["enc_mid"]))
+        x = self.log_mel(wav)  # (B, n_mels, frame_hops)
+        x = self.enc_blocks.step(self.enc_in.step(x, state[self.enc_in.state_key]), state)
         x = F.gelu(self.enc_down(x))  # (B, C, 1)
-        h = F.gelu(self.enc_frame.step(x, state["enc_frame"]))
-        codes = self.quantizer.quantize(self.enc_latent(h).squeeze(-1)) if with_codes else None
+        h = self.enc_frame.step(x, state)
+        codes = self.quantizer.quantize(self.features_to_latent(h.transpose(1, 2))[:, 0]) if with_codes else None
         return h.squeeze(-1), codes
 
     def decode_step(self, codes: Tensor, state: dict[str, Tensor]) -> Tensor:
         """One frame for B slots: ``codes`` (B,) → waveform (B, frame_size); ``state`` updated in place."""
         cfg = self.cfg
         x = self.quantizer.lookup(codes).unsqueeze(-1)  # (B, lat, 1)
-        x = F.gelu(self.dec_frame.step(x, state["dec_frame"]))
+        x = self.dec_frame.step(self.dec_in.step(x, state[self.dec_in.state_key]), state)
         x = F.gelu(self.dec_up(x))  # (B, C, hops)
-        x = F.gelu(self.dec_mid.step(x, state["dec_mid"]))
-        frames = self._head_to_frames(x)  # (B, hops, n)
-        ola = state["ola"]
+        frames = self._head_to_frames(self.dec_blocks.step(x, state))  # (B, hops, n)
+        ola = state["dec_ola"]
         hop, n = cfg.hop_length, cfg.synth_n_fft
         buf = torch.zeros(codes.shape[0], n + (cfg.frame_hops - 1) * hop, device=ola.device, dtype=ola.dtype)
         buf[:, : ola.shape[1]] += ola

@@ -27,6 +27,9 @@ class CodecConfig:
     channels: int = 256
     latent_dim: int = 128
     codebook_size: int = 1024
+    enc_blocks: int = 3  # residual causal blocks at the mel rate (dilations 1, 2, 4)
+    frame_blocks: int = 2  # residual causal blocks at the frame rate, in the encoder and the decoder
+    dec_blocks: int = 4  # residual causal blocks at the mel rate in the decoder
     synth_n_fft: int = 640  # the decoder's iSTFT window; hop is hop_length (4x overlap, COLA for hann^2)
 
     def __post_init__(self) -> None:
@@ -127,7 +130,7 @@ class VoiceModelConfig:
     @classmethod
     def tiny(cls) -> VoiceModelConfig:
         """A very small configuration for tests."""
-        codec = CodecConfig(channels=32, latent_dim=16, codebook_size=64)
+        codec = CodecConfig(channels=32, latent_dim=16, codebook_size=64, enc_blocks=2, frame_blocks=1, dec_blocks=2)
         lslm = LSLMConfig(
             d_model=32, n_layers=2, n_heads=2, d_ff=64, max_text_len=64, max_speech_len=200,
             listen_dim=32, codebook_size=64,

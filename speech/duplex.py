@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from speech.checkpoints import load_codec, load_lslm
 from speech.codec import SpeechCodec
 from speech.config import VoiceModelConfig
 from speech.lslm import LSLM
@@ -114,7 +114,7 @@ class DuplexVoiceModel:
         """Prefill the text to speak into the slot's KV cache; the next step speaks its first frame."""
         ids = torch.tensor(self.encode_text(text), dtype=torch.long, device=self.device)
         self.lslm.prefill(ids, self.k_cache[:, slot], self.v_cache[:, slot])
-        for name in ("dec_frame", "dec_mid", "ola"):
+        for name in self.codec.decoder_state_keys(self.codec_state):
             self.codec_state[name][slot].zero_()
         self.prev_token[slot] = self.cfg.lslm.speech_bos_id
         self.pos[slot] = len(ids)
@@ -184,46 +184,40 @@ class DuplexVoiceModel:
         return sd
 
 
-def save_voice_checkpoint(path: str | Path, cfg: VoiceModelConfig, codec: SpeechCodec, lslm: LSLM) -> None:
-    import json
-
-    path = Path(path)
-    sd = {f"codec.{k}": v.contiguous() for k, v in codec.state_dict().items()}
-    sd.update({f"lslm.{k}": v.contiguous() for k, v in lslm.state_dict().items()})
-    save_file(sd, str(path), metadata={"config": json.dumps(cfg.to_dict())})
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
 
 
-def load_voice_checkpoint(path: str | Path) -> tuple[VoiceModelConfig, SpeechCodec, LSLM]:
-    """Load a checkpoint written by ``save_voice_checkpoint``; clear errors for corrupt files."""
-    import json
+def load_voice_model(
+    weights_dir: str | Path, capacity: int, device: str | torch.device = "cpu", seed: int = 0
+) -> DuplexVoiceModel:
+    """``codec.safetensors`` and ``lslm.safetensors`` from a folder; a missing one is a seeded random init.
 
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"voice checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as e:  # safetensors raises several kinds for truncated / foreign files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from e
-    if "config" not in meta:
-        raise ValueError(f"{path} has no 'config' metadata; it was not written by save_voice_checkpoint")
-    cfg = VoiceModelConfig.from_dict(json.loads(meta["config"]))
-    codec, lslm = SpeechCodec(cfg.codec), LSLM(cfg.lslm)
-    codec.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("codec.")})
-    lslm.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("lslm.")})
-    return cfg, codec, lslm
-
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "voice.safetensors"
+    The LSLM must have been trained on this codec's tokens: their sizes are checked.
+    """
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"voice weights folder not found: {weights_dir}")
+    cfg = VoiceModelConfig()
+    codec = lslm = None
+    notes = []
+    if (weights_dir / "codec.safetensors").is_file():
+        cfg.codec, codec = load_codec(weights_dir / "codec.safetensors")
+        cfg.lslm.codebook_size, cfg.lslm.listen_dim = cfg.codec.codebook_size, cfg.codec.channels
+        notes.append("codec: trained")
+    if (weights_dir / "lslm.safetensors").is_file():
+        cfg.lslm, lslm = load_lslm(weights_dir / "lslm.safetensors")
+        notes.append("lslm: trained")
+    missing = [n for n, m in (("codec", codec), ("lslm", lslm)) if m is None]
+    if missing:
+        log.warning("no trained %s in %s: serving a seeded random init for it", " or ".join(missing), weights_dir)
+        notes += [f"{n}: random init (untrained)" for n in missing]
+    cfg = VoiceModelConfig(codec=cfg.codec, lslm=cfg.lslm)  # re-validates codec/lslm agreement
+    return DuplexVoiceModel(cfg, capacity, device, codec=codec, lslm=lslm, seed=seed, weights_note="; ".join(notes))
 
 
 def load_default_voice_model(capacity: int, device: str | torch.device = "cpu") -> DuplexVoiceModel:
-    """The embedded default: the committed checkpoint if present, else a seeded random init (untrained)."""
-    if DEFAULT_CHECKPOINT.is_file():
-        cfg, codec, lslm = load_voice_checkpoint(DEFAULT_CHECKPOINT)
-        return DuplexVoiceModel(cfg, capacity, device, codec=codec, lslm=lslm, weights_note=str(DEFAULT_CHECKPOINT.name))
-    log.warning("no trained voice checkpoint at %s: serving a seeded random init (untrained)", DEFAULT_CHECKPOINT)
-    return DuplexVoiceModel(VoiceModelConfig(), capacity, device, weights_note="random init (untrained)")
+    """The embedded default: the committed weights in ``speech/weights`` (random init where none)."""
+    if not DEFAULT_WEIGHTS.is_dir():
+        log.warning("no voice weights shipped at %s: serving a seeded random init (untrained)", DEFAULT_WEIGHTS)
+        return DuplexVoiceModel(VoiceModelConfig(), capacity, device, weights_note="random init (untrained)")
+    return load_voice_model(DEFAULT_WEIGHTS, capacity, device)

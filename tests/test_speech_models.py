@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from speech.checkpoints import load_codec, load_lslm, save_codec, save_lslm
 from speech.codec import SpeechCodec
 from speech.config import LSLMConfig, VoiceModelConfig
-from speech.duplex import (
-    EV_AUDIO,
-    EV_EOS,
-    EV_IRQ,
-    EV_LISTEN,
-    DuplexVoiceModel,
-    load_voice_checkpoint,
-    save_voice_checkpoint,
-)
+from speech.duplex import EV_AUDIO, EV_EOS, EV_IRQ, EV_LISTEN, DuplexVoiceModel, load_voice_model
 from speech.lslm import LSLM
 
 
@@ -149,18 +142,34 @@ def test_text_over_the_limit_is_refused():
         m.start_speaking(0, "x" * 1000)
 
 
-def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
+def test_checkpoints_round_trip_and_refuse_bad_files(tmp_path):
     cfg = VoiceModelConfig.tiny()
     codec, lslm = SpeechCodec(cfg.codec), LSLM(cfg.lslm)
-    path = tmp_path / "voice.safetensors"
-    save_voice_checkpoint(path, cfg, codec, lslm)
-    cfg2, codec2, lslm2 = load_voice_checkpoint(path)
-    assert cfg2 == cfg
+    save_codec(tmp_path / "codec.safetensors", codec)
+    save_lslm(tmp_path / "lslm.safetensors", lslm)
+    cfg_c, codec2 = load_codec(tmp_path / "codec.safetensors")
+    cfg_l, lslm2 = load_lslm(tmp_path / "lslm.safetensors")
+    assert (cfg_c, cfg_l) == (cfg.codec, cfg.lslm)
     for (k, v), (k2, v2) in zip(lslm.state_dict().items(), lslm2.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+    assert torch.equal(codec.quantizer.codebook, codec2.quantizer.codebook)
+    model = load_voice_model(tmp_path, capacity=2)
+    assert model.weights_note == "codec: trained; lslm: trained"
+    assert torch.equal(model.codec.quantizer.codebook, codec.quantizer.codebook)
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(path.read_bytes()[:100])
+    bad.write_bytes((tmp_path / "codec.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        load_voice_checkpoint(bad)
+        load_codec(bad)
+    with pytest.raises(ValueError, match="not a lslm checkpoint"):
+        load_lslm(tmp_path / "codec.safetensors")
     with pytest.raises(FileNotFoundError):
-        load_voice_checkpoint(tmp_path / "missing.safetensors")
+        load_codec(tmp_path / "missing.safetensors")
+
+
+def test_an_lslm_trained_on_another_codec_is_refused(tmp_path):
+    cfg = VoiceModelConfig.tiny()
+    save_codec(tmp_path / "codec.safetensors", SpeechCodec(cfg.codec))
+    other = LSLMConfig(**{**cfg.lslm.__dict__, "codebook_size": 32})
+    save_lslm(tmp_path / "lslm.safetensors", LSLM(other))
+    with pytest.raises(ValueError, match="codebook_size"):
+        load_voice_model(tmp_path, capacity=1)

@@ -1,0 +1,67 @@
+"""Checkpoints as safetensors with the config in the metadata: the codec and the LSLM apart.
+
+Kept apart so that a trained codec can ship before the LSLM trained on its tokens, and so that the
+LSLM's config is checked against the codec it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from speech.codec import SpeechCodec
+from speech.config import CodecConfig, LSLMConfig
+from speech.lslm import LSLM
+
+
+def _save(path: str | Path, module, kind: str, cfg) -> None:
+    from dataclasses import asdict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={"kind": kind, "config": json.dumps(asdict(cfg))})
+    tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+
+
+def _load(path: str | Path, kind: str) -> tuple[dict, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises several kinds for truncated or foreign files
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from e
+    if meta.get("kind") != kind or "config" not in meta:
+        raise ValueError(f"{path} is not a {kind} checkpoint (metadata kind={meta.get('kind')!r})")
+    return json.loads(meta["config"]), sd
+
+
+def save_codec(path: str | Path, codec: SpeechCodec) -> None:
+    _save(path, codec, "codec", codec.cfg)
+
+
+def load_codec(path: str | Path) -> tuple[CodecConfig, SpeechCodec]:
+    cfg_d, sd = _load(path, "codec")
+    cfg = CodecConfig(**cfg_d)
+    codec = SpeechCodec(cfg)
+    codec.load_state_dict(sd)
+    return cfg, codec
+
+
+def save_lslm(path: str | Path, lslm: LSLM) -> None:
+    _save(path, lslm, "lslm", lslm.cfg)
+
+
+def load_lslm(path: str | Path) -> tuple[LSLMConfig, LSLM]:
+    cfg_d, sd = _load(path, "lslm")
+    cfg = LSLMConfig(**cfg_d)
+    lslm = LSLM(cfg)
+    lslm.load_state_dict(sd)
+    return cfg, lslm
