@@ -4,7 +4,10 @@ Encoder: log-mel (10 ms hop) → causal residual convs → ÷4 downsample → on
 feature ``h`` (the listening channel's input, as the LSLM paper uses vq-wav2vec's unquantized features)
 → latent → nearest codebook entry (the speaking channel's token).
 Decoder: code → causal residual convs → ×4 upsample → causal residual convs → per-hop STFT magnitude
-and phase → inverse STFT by overlap-add (Vocos-style: cheap and streamable).
+and phase advance → inverse STFT by overlap-add (Vocos-style: cheap and streamable). The phase is
+synthesised like a phase vocoder: each bin advances by its centre frequency times the hop plus a
+learned bounded deviation, so stationary partials stay coherent across overlapping hops by
+construction (free per-hop phases interfere, and only an adversarial loss untangles them).
 
 Every stateful layer keeps its past per slot in tensors the caller allocates (``init_state``), so the
 engine runs many sessions in one batched ``encode_step`` / ``decode_step``; running the steps from a
@@ -12,6 +15,8 @@ zero state equals the offline ``encode`` / ``decode`` used for training (tested)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +75,9 @@ class SpeechCodec(nn.Module):
         n_bins = cfg.synth_n_fft // 2 + 1
         self.dec_head = nn.Conv1d(c, 2 * n_bins, 1)
         self.register_buffer("synthesis_window", torch.hann_window(cfg.synth_n_fft), persistent=False)
+        bins = torch.arange(n_bins, dtype=torch.float64)
+        advance = torch.remainder(2 * math.pi * bins * cfg.hop_length / cfg.synth_n_fft, 2 * math.pi)
+        self.register_buffer("phase_advance", advance.float(), persistent=False)
         self.ola_norm = hann_ola_norm(cfg.synth_n_fft, cfg.hop_length)
         self._convs = name_states(self)
 
@@ -84,12 +92,17 @@ class SpeechCodec(nn.Module):
         mel = torch.einsum("bft,fm->bmt", power, self.mel_fb)
         return torch.log(mel.clamp_min(1e-5))
 
-    def _head_to_frames(self, h: Tensor) -> Tensor:
-        """Decoder head (B, 2F, k) → windowed time frames (B, k, synth_n_fft)."""
-        log_mag, phase = self.dec_head(h).transpose(1, 2).chunk(2, dim=-1)
+    def _head_to_frames(self, h: Tensor, phase0: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder head (B, 2F, k) and the previous hop's phase (B, F) → windowed frames (B, k, n), last phase.
+
+        Phase is accumulated in float64 and wrapped, so long offline decodes equal streaming ones.
+        """
+        log_mag, dev = self.dec_head(h).transpose(1, 2).chunk(2, dim=-1)  # (B, k, F)
         mag = torch.exp(log_mag.clamp(max=6.0))
-        spec = torch.polar(mag, phase)
-        return torch.fft.irfft(spec, n=self.cfg.synth_n_fft) * self.synthesis_window
+        step = (self.phase_advance + math.pi * torch.tanh(dev)).double()
+        phase = torch.remainder(phase0.double()[:, None] + torch.cumsum(step, dim=1), 2 * math.pi).to(mag.dtype)
+        frames = torch.fft.irfft(torch.polar(mag, phase), n=self.cfg.synth_n_fft) * self.synthesis_window
+        return frames, phase[:, -1]
 
     # ---------------------------------------------------------------- offline (training)
     def encode_features(self, wav: Tensor) -> Tensor:
@@ -115,7 +128,8 @@ class SpeechCodec(nn.Module):
         cfg = self.cfg
         x = self.dec_frame(self.dec_in(q.transpose(1, 2)))
         x = F.gelu(self.dec_up(x))
-        frames = self._head_to_frames(self.dec_blocks(x))  # (B, k, n)
+        phase0 = x.new_zeros(x.shape[0], self.phase_advance.shape[0])
+        frames, _ = self._head_to_frames(self.dec_blocks(x), phase0)  # (B, k, n)
         k = frames.shape[1]
         out_len = (k - 1) * cfg.hop_length + cfg.synth_n_fft
         wav = F.fold(
@@ -135,6 +149,7 @@ class SpeechCodec(nn.Module):
         state = {m.state_key: torch.zeros(slots, *m.state_shape(), device=device, dtype=dtype) for m in self._convs}
         state["enc_mel_ctx"] = torch.zeros(slots, cfg.n_fft - cfg.hop_length, device=device, dtype=dtype)
         state["dec_ola"] = torch.zeros(slots, cfg.synth_n_fft - cfg.hop_length, device=device, dtype=dtype)
+        state["dec_phase"] = torch.zeros(slots, cfg.synth_n_fft // 2 + 1, device=device, dtype=dtype)
         return state
 
     @staticmethod
@@ -166,7 +181,8 @@ class SpeechCodec(nn.Module):
         x = self.quantizer.lookup(codes).unsqueeze(-1)  # (B, lat, 1)
         x = self.dec_frame.step(self.dec_in.step(x, state[self.dec_in.state_key]), state)
         x = F.gelu(self.dec_up(x))  # (B, C, hops)
-        frames = self._head_to_frames(self.dec_blocks.step(x, state))  # (B, hops, n)
+        frames, last_phase = self._head_to_frames(self.dec_blocks.step(x, state), state["dec_phase"])
+        state["dec_phase"].copy_(last_phase)  # frames: (B, hops, n)
         ola = state["dec_ola"]
         hop, n = cfg.hop_length, cfg.synth_n_fft
         buf = torch.zeros(codes.shape[0], n + (cfg.frame_hops - 1) * hop, device=ola.device, dtype=ola.dtype)
