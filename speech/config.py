@@ -68,8 +68,11 @@ class LSLMConfig:
     listen_dim: int = 256  # the codec encoder's continuous feature size (CodecConfig.channels)
     dropout: float = 0.0
     codebook_size: int = 1024
+    tokenizer: str = "bytes"  # bytes | phonemes (speech.text)
 
     def __post_init__(self) -> None:
+        if self.tokenizer not in ("bytes", "phonemes"):
+            raise ValueError(f"tokenizer must be bytes or phonemes, not {self.tokenizer!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.fusion not in ("early", "middle", "late", "none"):

@@ -23,7 +23,7 @@ from speech.checkpoints import load_codec, load_lslm
 from speech.codec import SpeechCodec
 from speech.config import VoiceModelConfig
 from speech.lslm import LSLM
-from speech.text import ByteTokenizer, TextTokenizer
+from speech.text import ByteTokenizer, PhonemeTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class DuplexVoiceModel:
         self.cfg = cfg
         self.capacity = capacity
         self.device = torch.device(device)
-        self.tokenizer = tokenizer or ByteTokenizer()
+        self.tokenizer = tokenizer or (PhonemeTokenizer() if cfg.lslm.tokenizer == "phonemes" else ByteTokenizer())
         if self.tokenizer.vocab_size > cfg.lslm.text_vocab:
             raise ValueError("the tokenizer's vocabulary is larger than lslm.text_vocab")
         torch.manual_seed(seed)

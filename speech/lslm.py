@@ -114,22 +114,35 @@ class LSLM(nn.Module):
         return logits
 
     # ---------------------------------------------------------------- training path
-    def forward(self, text: Tensor, speech_in: Tensor, listen_feats: Tensor | None = None) -> Tensor:
-        """Teacher forcing.
+    def forward_packed(self, ids: Tensor, is_speech: Tensor, listen_feats: Tensor | None) -> Tensor:
+        """Teacher forcing over packed sequences: each row is [text ids..., speech ids...], right-padded.
 
-        text (B, L) text ids; speech_in (B, S) input speech ids (BOS then codes);
-        listen_feats (B, S, listen_dim) the listening encoder's features aligned with speech_in.
-        Returns logits (B, S, out_vocab) for the speech positions.
+        ids (B, T): text ids at text positions, speech ids (BOS then codes) at speech positions;
+        is_speech (B, T) bool; listen_feats (B, T, listen_dim), zero at text positions.
+        Returns logits (B, T, out_vocab); only speech positions are meaningful.
         """
+        t = ids.shape[1]
+        text_ids = torch.where(is_speech, 0, ids).clamp(max=self.cfg.text_vocab - 1)
+        speech_ids = torch.where(is_speech, ids, 0).clamp(max=self.cfg.codebook_size)
+        x = torch.where(is_speech[..., None], self.speech_emb(speech_ids), self.text_emb(text_ids))
+        pos_e = self.pos_emb(torch.arange(t, device=ids.device))[None]
+        if listen_feats is None or self.cfg.fusion == "none":
+            listen = torch.zeros_like(x)
+        else:
+            listen = self.listen_proj(listen_feats) * is_speech[..., None]
+        return self._run_blocks(x, pos_e, listen, lambda i, blk, h: blk(h))
+
+    def forward(self, text: Tensor, speech_in: Tensor, listen_feats: Tensor | None = None) -> Tensor:
+        """Teacher forcing for rows of equal text length: text (B, L), speech_in (B, S) (BOS then codes),
+        listen_feats (B, S, listen_dim). Returns logits (B, S, out_vocab) of the speech positions."""
         b, length = text.shape
-        s = speech_in.shape[1]
-        x = torch.cat([self.text_emb(text), self.speech_emb(speech_in)], dim=1)
-        pos_e = self.pos_emb(torch.arange(length + s, device=text.device))[None]
-        listen = torch.zeros_like(x)
-        if listen_feats is not None and self.cfg.fusion != "none":
-            listen[:, length:] = self.listen_proj(listen_feats)
-        logits = self._run_blocks(x, pos_e, listen, lambda i, blk, h: blk(h))
-        return logits[:, length:]
+        ids = torch.cat([text, speech_in], dim=1)
+        is_speech = torch.zeros_like(ids, dtype=torch.bool)
+        is_speech[:, length:] = True
+        feats = None
+        if listen_feats is not None:
+            feats = torch.cat([listen_feats.new_zeros(b, length, listen_feats.shape[-1]), listen_feats], dim=1)
+        return self.forward_packed(ids, is_speech, feats)[:, length:]
 
     # ---------------------------------------------------------------- serving path
     def init_cache(self, slots: int, device, dtype) -> tuple[Tensor, Tensor]:
