@@ -385,15 +385,15 @@ class RealtimeSession:
             raise ProtocolError(ErrorCode.ITEM_NOT_FOUND, f"no item {ev.item_id!r} in this conversation", ev.event_id, "item_id")
         if item["role"] != "assistant":
             raise ProtocolError(ErrorCode.INVALID_EVENT, "only assistant audio items can be truncated", ev.event_id, "item_id")
-        sent_ms = item.get("audio_ms", 0)
-        if self.response is not None and self.response.item_id == ev.item_id:
-            sent_ms = self.response.audio_samples * 1000 // WIRE_RATE
-            self.engine.cancel(self.handle, self.response.id)
-        if ev.audio_end_ms > sent_ms:
+        running = self.response is not None and self.response.item_id == ev.item_id
+        sent_ms = self.response.audio_samples * 1000 // WIRE_RATE if running else item.get("audio_ms", 0)
+        if ev.audio_end_ms > sent_ms:  # validate before touching anything
             raise ProtocolError(
                 ErrorCode.INVALID_EVENT, f"audio_end_ms {ev.audio_end_ms} is past the {sent_ms} ms of audio sent",
                 ev.event_id, "audio_end_ms",
             )
+        if running:
+            self.engine.cancel(self.handle, self.response.id)
         item["audio_ms"] = ev.audio_end_ms
         item["truncated"] = True
         self._send(P.server_event(

@@ -217,6 +217,10 @@ def test_cancel_and_truncate(make_server):
         await conn.until("response.output_audio.delta")
         await conn.until("response.output_audio.delta")
         item_id = created["response"]["output"][0]["id"]
+        # past what was sent: an error, and the response keeps going
+        await conn.send({"type": "conversation.item.truncate", "item_id": item_id, "audio_end_ms": 600_000})
+        assert (await conn.error())["param"] == "audio_end_ms"
+        await conn.until("response.output_audio.delta")
         await conn.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
                          "audio_end_ms": 40})
         truncated = await conn.until("conversation.item.truncated")
