@@ -24,8 +24,8 @@ class CodecConfig:
     n_fft: int = 400
     n_mels: int = 80
     frame_hops: int = 4
-    channels: int = 256
-    latent_dim: int = 128
+    channels: int = 128
+    latent_dim: int = 64
     codebook_size: int = 1024
     enc_blocks: int = 3  # residual causal blocks at the mel rate (dilations 1, 2, 4)
     frame_blocks: int = 2  # residual causal blocks at the frame rate, in the encoder and the decoder
@@ -65,7 +65,7 @@ class LSLMConfig:
     max_text_len: int = 256
     max_speech_len: int = 750  # 30 s at 25 Hz
     fusion: Fusion = "middle"
-    listen_dim: int = 256  # the codec encoder's continuous feature size (CodecConfig.channels)
+    listen_dim: int = 128  # the codec encoder's continuous feature size (CodecConfig.channels)
     dropout: float = 0.0
     codebook_size: int = 1024
     tokenizer: str = "bytes"  # bytes | phonemes (speech.text)

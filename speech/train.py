@@ -13,7 +13,6 @@ listening channel. Resumable (``--out`` keeps the checkpoint and optimizer state
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from speech.codec import SpeechCodec
 from speech.config import LSLMConfig
 from speech.corpus import Corpus
 from speech.lslm import LSLM
+from speech.recipe import finish_report, parse_recipe_args
 from speech.text import PhonemeTokenizer, phonemize
 
 
@@ -43,6 +43,7 @@ class LSLMTrainConfig:
     batch: int = 16
     lr: float = 5e-4
     max_frames: int = 150  # longest target utterance (6 s); longer ones are skipped
+    max_utterances: int = 0  # 0: all of the split
     mu_s: float = 0.5
     p_noise: float = 0.5
     p_interrupt: float = 0.5
@@ -66,14 +67,15 @@ class Utterance:
 
 
 def prepare(corpus: Corpus, codec: SpeechCodec, tok: PhonemeTokenizer, split: str, max_frames: int,
-            cache: Path) -> list[Utterance]:
-    """Phonemes and codec tokens of every target-voice utterance (cached: encoding takes a while)."""
+            cache: Path, limit: int = 0) -> list[Utterance]:
+    """Phonemes and codec tokens of the target-voice utterances (cached: encoding takes a while)."""
     if cache.is_file():
         return [Utterance(np.asarray(p), np.asarray(c)) for p, c in torch.load(cache, weights_only=False)]
     utts = []
     fs = codec.cfg.frame_size
     dev = codec.quantizer.codebook.device
-    for entry in tqdm(corpus.manifest("speech", split), desc=f"tokenize {split}", unit="utt"):
+    entries = corpus.manifest("speech", split)
+    for entry in tqdm(entries[:limit] if limit else entries, desc=f"tokenize {split}", unit="utt"):
         wav = corpus.audio("speech", entry)
         n = wav.shape[0] // fs
         if n == 0 or n > max_frames:
@@ -197,8 +199,9 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
                             "codebook_size": codec_cfg.codebook_size, "listen_dim": codec_cfg.channels})
         model = LSLM(cfg)
     model.to(device).train()
-    train_utts = prepare(corpus, codec, tok, "train", tc.max_frames, out / "prep_train.pt")
-    val_utts = prepare(corpus, codec, tok, "val", tc.max_frames, out / "prep_val.pt")
+    lim = tc.max_utterances
+    train_utts = prepare(corpus, codec, tok, "train", tc.max_frames, out / f"prep_train_{lim}.pt", lim)
+    val_utts = prepare(corpus, codec, tok, "val", tc.max_frames, out / f"prep_val_{lim}.pt", lim)
     if not train_utts:
         raise ValueError("no training utterances short enough; raise --max-frames")
     maker = SampleMaker(tc, cfg, corpus, codec_cfg.frame_size, codec_cfg.frame_rate)
@@ -261,30 +264,17 @@ def evaluate_teacher_forced(model: LSLM, utts: list[Utterance], maker: SampleMak
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m speech.train", description=__doc__.split("\n\n")[0])
-    for f, default in asdict(LSLMTrainConfig()).items():
-        kw: dict = {"type": type(default), "default": default}
-        if f == "fusion":
-            kw["choices"] = ["early", "middle", "late", "none"]
-        if f == "setting":
-            kw["choices"] = ["command", "voice"]
-        p.add_argument(f"--{f.replace('_', '-')}", **kw)
-    p.add_argument("--quick", action="store_true", help="a few steps of a tiny model (smoke run, under a minute)")
-    p.add_argument("--json", type=Path, help="write the evaluation figures here")
-    args = vars(p.parse_args(argv))
-    quick, json_path = args.pop("quick"), args.pop("json")
-    tc = LSLMTrainConfig(**args)
+    tc, quick, json_path = parse_recipe_args(
+        LSLMTrainConfig, argv, "python -m speech.train", __doc__.split("\n\n")[0],
+        choices={"fusion": ["early", "middle", "late", "none"], "setting": ["command", "voice"]},
+    )
     model_cfg = None
     if quick:
         tc.steps, tc.batch, tc.log_every, tc.checkpoint_every, tc.max_frames = 20, 4, 5, 20, 100
+        tc.max_utterances = 48
         model_cfg = LSLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_text_len=256, max_speech_len=200)
     report = train(tc, model_cfg)
-    print(f"\n{'metric':<14}{'value':>10}")
-    for k in ("val_loss", "irq_hit", "eos_hit", "false_irq", "code_acc"):
-        print(f"{k:<14}{report.get(k, float('nan')):>10.3f}")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
+    finish_report(report, ["val_loss", "irq_hit", "eos_hit", "false_irq", "code_acc", "steps"], json_path)
     return 0
 
 

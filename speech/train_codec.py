@@ -15,7 +15,6 @@ spectral losses alone plateaued (log-magnitude error 2.3 vs 0.9 with phase advan
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -31,6 +30,7 @@ from speech.checkpoints import load_codec, save_codec
 from speech.codec import SpeechCodec
 from speech.config import CodecConfig
 from speech.corpus import Corpus
+from speech.recipe import finish_report, parse_recipe_args
 
 
 @dataclass
@@ -273,26 +273,15 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m speech.train_codec", description=__doc__.split("\n\n")[0])
-    for f, default in asdict(CodecTrainConfig()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
-    p.add_argument("--quick", action="store_true", help="a few steps at a tiny size (smoke run, under a minute)")
-    p.add_argument("--json", type=Path, help="write the evaluation figures here")
-    args = vars(p.parse_args(argv))
-    quick, json_path = args.pop("quick"), args.pop("json")
-    tc = CodecTrainConfig(**args)
+    tc, quick, json_path = parse_recipe_args(CodecTrainConfig, argv, "python -m speech.train_codec",
+                                             __doc__.split("\n\n")[0])
     codec_cfg = None
     if quick:
-        tc.steps, tc.batch, tc.log_every, tc.checkpoint_every = 30, 4, 10, 30
+        tc.steps, tc.batch, tc.log_every, tc.checkpoint_every, tc.vq_start = 30, 4, 10, 30, 10
         codec_cfg = CodecConfig(channels=64, latent_dim=32, codebook_size=128, enc_blocks=2, frame_blocks=1,
                                 dec_blocks=2)
     report = train(tc, codec_cfg)
-    print(f"\n{'metric':<22}{'value':>12}")
-    for k in ("mel_distance", "perplexity", "frame_ms_b1", "utterances", "steps"):
-        print(f"{k:<22}{report[k]:>12.3f}" if isinstance(report[k], float) else f"{k:<22}{report[k]:>12}")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
+    finish_report(report, ["mel_distance", "perplexity", "frame_ms_b1", "utterances", "steps"], json_path)
     return 0
 
 
