@@ -80,6 +80,7 @@ class DuplexVoiceModel:
         self.pos_host = np.zeros(capacity, dtype=np.int64)
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self.logit_bias = torch.zeros(cfg.lslm.out_vocab, device=dev)
+        self._silence = torch.zeros(capacity, self.frame_size, device=dev)  # returned when no row speaks
 
     # ---------------------------------------------------------------- slot lifecycle
     def reset_slot(self, slot: int) -> None:
@@ -144,7 +145,7 @@ class DuplexVoiceModel:
         speaking_host = self.speaking[lo:hi].copy()
         events = np.zeros(n, dtype=np.int8)
         if not speaking_host.any():
-            return StepOutput(events, audio_in.new_zeros(n, self.frame_size))
+            return StepOutput(events, self._silence[:n])
         t_max = int(self.pos_host[lo:hi][speaking_host].max()) + 1
         pos = torch.clamp(self.pos[rows], max=t_max - 1)  # idle rows may sit past t_max; their output is unused
         logits = self.lslm.decode_step(
