@@ -255,7 +255,7 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
             ema.restart_dead(z.detach())
         if step % tc.log_every == 0 or step == tc.steps:
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-                   "commit": float(commit), "perplexity": perplexity(codes, codec.cfg.codebook_size)}
+                   "commit": float(commit.detach()), "perplexity": perplexity(codes, codec.cfg.codebook_size)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel']:.3f}", ppl=f"{rec['perplexity']:.0f}")
