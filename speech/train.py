@@ -39,7 +39,7 @@ class LSLMTrainConfig:
     data: str = "data/speech"
     codec: str = "speech/weights/codec.safetensors"
     out: str = "runs/lslm"
-    steps: int = 8000
+    steps: int = 6000
     batch: int = 16
     lr: float = 5e-4
     max_frames: int = 150  # longest target utterance (6 s); longer ones are skipped
@@ -48,6 +48,7 @@ class LSLMTrainConfig:
     p_noise: float = 0.5
     p_interrupt: float = 0.5
     p_distractor: float = 0.25
+    control_weight: float = 3.0  # loss weight of the IRQ / EOS targets: one per sequence among ~50 codes
     seed: int = 0
     device: str = "auto"
     log_every: int = 50
@@ -88,6 +89,19 @@ def prepare(corpus: Corpus, codec: SpeechCodec, tok: PhonemeTokenizer, split: st
     return utts
 
 
+class LengthBuckets:
+    """Draws batches of utterances of similar length: padding would otherwise cost a third of each step."""
+
+    def __init__(self, utts: list[Utterance], batch: int, spread: int = 4) -> None:
+        self.order = np.argsort([len(u.codes) + len(u.phoneme_ids) for u in utts], kind="stable")
+        self.window = min(len(utts), batch * spread)
+        self.batch = batch
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        start = rng.integers(0, len(self.order) - self.window + 1)
+        return self.order[start + rng.choice(self.window, size=self.batch, replace=self.window < self.batch)]
+
+
 class SampleMaker:
     """Builds one training example: packed ids, targets, and the listening channel's waveform."""
 
@@ -98,7 +112,9 @@ class SampleMaker:
         listen = corpus.manifest("listen", split)
         if tc.setting == "command":
             self.triggers = [e for e in listen if e.get("kind") == "command" and e.get("text", "").lower() == "honey"]
-            self.distractors = [e for e in listen if e.get("kind") in ("word", "backchannel")]
+            # Every other word, the other command words included, must not stop the speech.
+            trigger_ids = {e["id"] for e in self.triggers}
+            self.distractors = [e for e in listen if e["id"] not in trigger_ids]
         else:
             self.triggers = [e for e in listen if e.get("kind") in ("word", "command")]
             self.distractors = [e for e in listen if e.get("kind") == "backchannel"]
@@ -165,6 +181,15 @@ def collate(samples: list[dict], codec: SpeechCodec, device) -> dict[str, torch.
     return {"ids": ids.to(device), "is_speech": is_speech.to(device), "targets": targets.to(device), "feats": feats}
 
 
+def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LSLMConfig, control_weight: float) -> torch.Tensor:
+    """Cross-entropy over the speech positions, the control targets (IRQ, EOS) weighted up."""
+    flat_t = targets.reshape(-1)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_t, ignore_index=-100, reduction="none")
+    valid = flat_t != -100
+    weights = torch.where(flat_t >= cfg.eos_id, control_weight, 1.0) * valid
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def control_accuracy(logits: torch.Tensor, targets: torch.Tensor, cfg: LSLMConfig) -> dict[str, float]:
     """Teacher-forced: at IRQ / EOS targets, how often is the argmax that token; elsewhere, how often is
     it a false IRQ."""
@@ -220,11 +245,11 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
         print(f"resuming from step {step}")
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=tc.steps, initial=step, desc=f"lslm {tc.fusion}/{tc.setting}", unit="step", dynamic_ncols=True)
+    buckets = LengthBuckets(train_utts, tc.batch)
     while step < tc.steps:
-        batch = collate([maker.make(train_utts[rng.integers(len(train_utts))], rng) for _ in range(tc.batch)],
-                        codec, device)
+        batch = collate([maker.make(train_utts[i], rng) for i in buckets.draw(rng)], codec, device)
         logits = model.forward_packed(batch["ids"], batch["is_speech"], batch["feats"])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
+        loss = weighted_loss(logits, batch["targets"], cfg, tc.control_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
