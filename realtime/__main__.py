@@ -13,15 +13,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     from realtime.app import create_app
     from realtime.config import Settings
+    from realtime.dialogue import build_dialogue
 
     overrides = {
         "host": args.host, "port": args.port, "device": args.device, "capacity": args.capacity,
         "engine_mode": args.engine_mode, "voice_dir": args.voice_dir, "log_level": args.log_level,
-        "api_keys": args.api_key or None,
+        "api_keys": args.api_key or None, "chat_model": args.chat_model, "asr_model": args.asr_model,
     }
     settings = Settings.load(overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    print(f"loading the dialogue brain: chat model {settings.chat_model}, "
+          f"speech recognition {settings.asr_model or 'whisper tiny.en'} ...", flush=True)
+    dialogue = build_dialogue(settings, settings.resolved_device())
+    app = create_app(settings, dialogue=dialogue)
     print(f"serving on http://{settings.host}:{settings.port}  (websocket: ws://{settings.host}:{settings.port}/v1/realtime)",
           flush=True)
     uvicorn.run(
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--capacity", type=int, help="concurrent voice sessions before refusing (default 16)")
     s.add_argument("--engine-mode", choices=["batched", "sequential"], help="batched step (default) or one session per step")
     s.add_argument("--voice-dir", help="a folder with codec.safetensors / lslm.safetensors instead of the embedded default")
+    s.add_argument("--chat-model", help="what answers: smollm2 (default; SmolLM2-135M-Instruct, offline), echo "
+                   "(say back what was said), a local Hugging Face causal-LM folder or a hub name in the local cache")
+    s.add_argument("--asr-model", help="what hears the user: default Whisper tiny.en (offline); a CTranslate2 "
+                   "(faster-whisper) folder, a transformers Whisper folder, a hub name in the local cache, "
+                   "or none")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from realtime.config import Settings
+from realtime.dialogue import Dialogue
 from realtime.engine import Engine, EngineConfig, VoiceModel
 from realtime.metrics import Metrics
 from realtime.responder import EchoResponder, Responder
@@ -62,28 +63,40 @@ def _authorized(settings: Settings, key: str | None) -> bool:
 
 
 def create_app(
-    settings: Settings | None = None, model: VoiceModel | None = None, responder: Responder | None = None
+    settings: Settings | None = None, model: VoiceModel | None = None, responder: Responder | None = None,
+    dialogue: Dialogue | None = None,
 ) -> FastAPI:
+    """The app. ``model``: the voice model (built from ``settings`` when None). ``dialogue``: the brain that
+    hears voice turns and writes answers (``realtime.dialogue.build_dialogue``; the CLI builds it from
+    ``settings.chat_model`` / ``asr_model``); without one, sessions speak what ``responder`` (echo by
+    default) says and voice turns are only reported, which keeps tests and embedders fast.
+    """
     settings = settings or Settings()
     metrics = Metrics()
     model = model if model is not None else build_voice_model(settings)
     engine = Engine(
         model, EngineConfig(capacity=settings.capacity, batched=settings.engine_mode == "batched"), metrics
     )
-    responder = responder or EchoResponder()
+    responder = dialogue.responder if dialogue is not None else (responder or EchoResponder())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         log.info("engine started: %d slots, %s, device %s, voice weights: %s",
                  settings.capacity, settings.engine_mode, model.device, model.weights_note)
+        if dialogue is not None:
+            log.info("dialogue: responder %s, speech recognition %s", dialogue.responder.name,
+                     "on" if dialogue.hears_turns else "off")
         try:
             yield
         finally:
             engine.stop()
+            if dialogue is not None:
+                dialogue.close()
 
     app = FastAPI(title="duplex-server", version=__version__, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.dialogue = dialogue
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -95,6 +108,7 @@ def create_app(
         body = {
             "ready": ready, "sessions": engine.live_sessions, "capacity": settings.capacity,
             "device": str(model.device), "voice_weights": model.weights_note, "engine_mode": settings.engine_mode,
+            "responder": responder.name, "hears_turns": dialogue is not None and dialogue.hears_turns,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -127,7 +141,8 @@ def create_app(
             await ws.send_denial_response(JSONResponse(body, status_code=401))
             return
         beta = "realtime=v1" in headers.get("openai-beta", "") or ws.query_params.get("beta") in ("1", "true")
-        session = RealtimeSession(ws, engine, settings, metrics, responder, beta, model_name="lslm-duplex")
+        session = RealtimeSession(ws, engine, settings, metrics, responder, beta, model_name="lslm-duplex",
+                                  dialogue=dialogue)
         await session.run()
 
     return app

@@ -16,6 +16,10 @@ class Settings:
     capacity: int = 16  # concurrent voice sessions; more are refused
     engine_mode: str = "batched"  # batched | sequential (one session per model call: the baseline)
     voice_dir: str = ""  # a folder with codec.safetensors / lslm.safetensors; empty: the embedded default
+    # The dialogue brain (python -m realtime serve; create_app uses it only when given a Dialogue):
+    chat_model: str = "smollm2"  # smollm2 | echo | a local Hugging Face folder | a hub name in the local cache
+    asr_model: str = ""  # empty: Whisper tiny.en; none: voice turns are not heard; else a folder or hub name
+    max_turn_s: float = 30.0  # audio kept per user voice turn (the newest part)
     max_message_bytes: int = 2 * 1024 * 1024  # websocket frame limit (larger frames close with 1009)
     max_audio_bytes: int = 512 * 1024  # decoded PCM per append event (~10 s at 24 kHz)
     max_text_chars: int = 4000
@@ -34,6 +38,10 @@ class Settings:
             raise ValueError("capacity must be at least 1")
         if not 0 < self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
+        if not self.chat_model:
+            raise ValueError("chat_model must not be empty: smollm2, echo, a folder or a hub name")
+        if not 1.0 <= self.max_turn_s <= 600.0:
+            raise ValueError(f"max_turn_s must be within 1..600 seconds, not {self.max_turn_s}")
 
     @classmethod
     def load(cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:

@@ -45,6 +45,7 @@ class VoiceModel(Protocol):
     frame_size: int
     device: torch.device
     weights_note: str
+    max_text_chars: int  # the longest text one start_speaking takes (UTF-8 bytes)
 
     def reset_slot(self, slot: int) -> None: ...
     def move_slot(self, src: int, dst: int) -> None: ...
@@ -337,7 +338,6 @@ class Engine:
         try:
             self.model.start_speaking(h.slot, text)
         except ValueError as e:
-            self.metrics.responses.labels("failed").inc()
             self._emit([(h, "done", response_id, ("failed", str(e)))])
             return
         self.out_resampler.reset(h.slot)
@@ -353,7 +353,6 @@ class Engine:
         self.model.stop_speaking(h.slot)
         item = (h, "done", h.response_id, (status, None))
         h.response_id = None
-        self.metrics.responses.labels(status).inc()
         if out is None:
             self._emit([item])
         else:
@@ -422,7 +421,6 @@ class Engine:
                 rid = h.response_id
                 self.model.stop_speaking(h.slot)
                 h.response_id = None
-                self.metrics.responses.labels("failed").inc()
                 out.append((h, "done", rid, ("failed", f"the voice model failed: {type(err).__name__}")))
         if out:
             self._emit(out)

@@ -347,9 +347,26 @@ class BufferCommitted(_ServerEvent):
     previous_item_id: str | None = None
 
 
+class TranscriptionCompleted(_ServerEvent):
+    """What the user said in a voice turn (sessions with the dialogue brain)."""
+
+    type: Literal["conversation.item.input_audio_transcription.completed"]
+    item_id: str
+    content_index: int = 0
+    transcript: str
+
+
+class TranscriptionFailed(_ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.failed"]
+    item_id: str
+    content_index: int = 0
+    error: ErrorDetail
+
+
 ServerEvent = Annotated[
     ErrorEvent | SessionEvent | ResponseEvent | AudioDelta | TranscriptDelta | AudioDone | TranscriptDone
-    | OutputItemEvent | ItemEvent | ItemTruncated | SpeechStarted | SpeechStopped | BufferCleared | BufferCommitted,
+    | OutputItemEvent | ItemEvent | ItemTruncated | SpeechStarted | SpeechStopped | BufferCleared | BufferCommitted
+    | TranscriptionCompleted | TranscriptionFailed,
     Field(discriminator="type"),
 ]
 _server_event = TypeAdapter(ServerEvent)

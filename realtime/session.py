@@ -4,6 +4,10 @@ The session validates what the client sends (every mistake becomes an ``error`` 
 the session goes on), streams microphone audio to the engine continuously (full duplex: also while
 it speaks), and turns the engine's per-frame results into server events. Outgoing events go through a
 bounded queue: a client that stops reading is closed cleanly instead of growing memory.
+
+With a ``Dialogue`` (realtime.dialogue) the session also hears the user: each voice turn is transcribed
+and answered, and every response's text is streamed from the responder and spoken sentence by sentence.
+Without one, the responder's text is spoken at once (the echo default of tests and ``create_app``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import copy
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,14 +29,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from realtime import protocol as P
 from realtime.audio import ChunkResampler, EnergyVAD, float_to_pcm16, pcm16_to_float
 from realtime.config import Settings
+from realtime.dialogue import Dialogue, SpeechChunker, TurnAudio
 from realtime.engine import Engine, SessionHandle
 from realtime.metrics import Metrics
 from realtime.protocol import BinaryKind, CloseCode, ErrorCode, ProtocolError
-from realtime.responder import Responder
+from realtime.responder import Responder, item_text
 
 log = logging.getLogger(__name__)
 
 WIRE_RATE = 24000
+MAX_CONTEXT_ITEMS = 64  # conversation items handed to the responder per answer
 
 
 @dataclass
@@ -38,6 +47,13 @@ class Response:
     item_id: str
     text: str
     audio_samples: int = 0  # at the wire rate, sent so far
+    max_frames: int | None = None
+    # A streamed response (with a Dialogue) is spoken as several texts, one engine.speak each.
+    pending: deque[str] = field(default_factory=deque)  # written, not yet spoken
+    speaking: bool = False  # a text is with the engine
+    generating: bool = False  # the responder is still writing
+    stopping: str | None = None  # the status to end with once the engine confirms (e.g. "cancelled")
+    stop: threading.Event = field(default_factory=threading.Event)  # tells the responder to stop writing
 
 
 @dataclass
@@ -67,7 +83,7 @@ class TokenBucket:
 class RealtimeSession:
     def __init__(
         self, ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics, responder: Responder,
-        beta: bool, model_name: str,
+        beta: bool, model_name: str, dialogue: Dialogue | None = None,
     ) -> None:
         self.ws, self.engine, self.settings, self.metrics = ws, engine, settings, metrics
         self.responder = responder
@@ -90,6 +106,11 @@ class RealtimeSession:
         self._speech_item: str | None = None
         self._sender: asyncio.Task | None = None
         self._receiver: asyncio.Task | None = None
+        self.dialogue = dialogue
+        self._turn: TurnAudio | None = None
+        if dialogue is not None and dialogue.hears_turns:
+            self._turn = TurnAudio(WIRE_RATE, self.state.turn_detection.prefix_padding_ms, dialogue.cfg.max_turn_s)
+        self._tasks: set[asyncio.Task] = set()  # transcriptions and streamed answers in flight
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -116,6 +137,10 @@ class RealtimeSession:
                     raise
         finally:
             self._receiver.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            if self.response is not None:
+                self.response.stop.set()
             self.engine.close(self.handle)
             self.metrics.sessions_active.dec()
             if self._closing is None:
@@ -261,6 +286,8 @@ class RealtimeSession:
             self.state.turn_detection = td
             if td is not None:
                 self._vad = EnergyVAD(td.threshold, td.silence_duration_ms)
+                if self._turn is not None:
+                    self._turn.set_prefix(td.prefix_padding_ms)
         if s.binary_audio is not None:
             self.state.binary_audio = s.binary_audio
         self._send(P.server_event("session.updated", session=self._session_object()))
@@ -295,15 +322,21 @@ class RealtimeSession:
         self.engine.push_audio(self.handle, self._in_resampler(x))
         if self.response is None and self.state.turn_detection is not None:
             turn = self._vad.update(x, 1000.0 * x.shape[0] / WIRE_RATE)
+            if self._turn is not None:
+                self._turn.feed(x)
             if turn == "started":
                 self._speech_item = P.new_id("item")
                 self._send(P.server_event(
                     "input_audio_buffer.speech_started", audio_start_ms=self._input_ms(), item_id=self._speech_item
                 ))
+                if self._turn is not None:
+                    self._turn.start()
             elif turn == "stopped":
                 self._send(P.server_event(
                     "input_audio_buffer.speech_stopped", audio_end_ms=self._input_ms(), item_id=self._speech_item
                 ))
+                if self._turn is not None and self._turn.recording:
+                    self._voice_turn(self._speech_item, self._turn.take())
 
     def _input_ms(self) -> int:
         return self._input_samples * 1000 // WIRE_RATE
@@ -347,9 +380,19 @@ class RealtimeSession:
                 ev.event_id,
             )
         params = ev.response or P.ResponseParams()
-        text = self.responder.reply(
-            [self.items[i] for i in self.order], params.instructions or self.state.instructions
-        )
+        instructions = params.instructions or self.state.instructions
+        max_frames = params.max_output_tokens if isinstance(params.max_output_tokens, int) else None
+        if max_frames is not None and max_frames < 1:
+            raise ProtocolError(ErrorCode.INVALID_EVENT, "max_output_tokens must be >= 1", ev.event_id, "response.max_output_tokens")
+        if self.dialogue is not None:
+            if not instructions.strip() and not any(item_text(self.items[i]) for i in self.order):
+                raise ProtocolError(
+                    ErrorCode.NOTHING_TO_SAY,
+                    "nothing to say: add a user item (text or speech) or give response.instructions", ev.event_id,
+                )
+            self._start_streamed_response(instructions, max_frames)
+            return
+        text = self.responder.reply([self.items[i] for i in self.order], instructions)
         if not text:
             raise ProtocolError(
                 ErrorCode.NOTHING_TO_SAY,
@@ -358,26 +401,39 @@ class RealtimeSession:
             )
         if len(text) > self.settings.max_text_chars:
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, "the response text is too long", ev.event_id)
-        max_frames = params.max_output_tokens if isinstance(params.max_output_tokens, int) else None
-        if max_frames is not None and max_frames < 1:
-            raise ProtocolError(ErrorCode.INVALID_EVENT, "max_output_tokens must be >= 1", ev.event_id, "response.max_output_tokens")
+        r = self._open_response(text, max_frames)
+        self._send(P.server_event(
+            "response.output_audio_transcript.delta", response_id=r.id, item_id=r.item_id, output_index=0,
+            content_index=0, delta=text,
+        ))
+        r.speaking = True
+        self.engine.speak(self.handle, r.id, text, max_frames)
+
+    def _open_response(self, text: str, max_frames: int | None) -> Response:
         rid, item_id = P.new_id("resp"), P.new_id("item")
-        self.response = Response(rid, item_id, text)
+        self.response = r = Response(rid, item_id, text, max_frames=max_frames)
+        if self._turn is not None:
+            self._turn.take()  # the detector pauses while a response runs: its pre-roll would go stale
         item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "in_progress",
                 "role": "assistant", "content": [{"type": "output_audio", "transcript": text}]}
         self._add_item(item)
         self._send(P.server_event("response.created", response=self._response_object("in_progress")))
         self._send(P.server_event("response.output_item.added", response_id=rid, output_index=0, item=item))
-        self._send(P.server_event(
-            "response.output_audio_transcript.delta", response_id=rid, item_id=item_id, output_index=0,
-            content_index=0, delta=text,
-        ))
-        self.engine.speak(self.handle, rid, text, max_frames)
+        return r
 
     def _on_response_cancel(self, ev: P.ResponseCancel) -> None:
         if self.response is None or (ev.response_id and ev.response_id != self.response.id):
             raise ProtocolError(ErrorCode.NO_ACTIVE_RESPONSE, "there is no active response to cancel", ev.event_id)
-        self.engine.cancel(self.handle, self.response.id)
+        self._cancel_response()
+
+    def _cancel_response(self) -> None:
+        r = self.response
+        r.stop.set()
+        if r.speaking:  # the engine confirms with a "done" event
+            r.stopping = "cancelled"
+            self.engine.cancel(self.handle, r.id)
+        else:  # between two sentences, or still waiting for the first: nothing is with the engine
+            self._finish_response("cancelled", None)
 
     def _on_conversation_item_truncate(self, ev: P.ConversationItemTruncate) -> None:
         item = self.items.get(ev.item_id)
@@ -393,7 +449,7 @@ class RealtimeSession:
                 ev.event_id, "audio_end_ms",
             )
         if running:
-            self.engine.cancel(self.handle, self.response.id)
+            self._cancel_response()
         item["audio_ms"] = ev.audio_end_ms
         item["truncated"] = True
         self._send(P.server_event(
@@ -428,13 +484,20 @@ class RealtimeSession:
             ))
         elif kind == "done":
             status, reason = payload
-            self._finish_response(status, reason)
+            r.speaking = False
+            if status == "completed" and r.stopping is None and (r.pending or r.generating):
+                self._speak_next(r)  # one sentence spoken; the answer goes on
+                return
+            self._finish_response(r.stopping or status, reason)
 
     def _finish_response(self, status: str, reason: str | None) -> None:
         r = self.response
         self.response = None
+        r.stop.set()  # the responder stops writing (after an IRQ, a cancel, a failure)
+        self.metrics.responses.labels(status).inc()  # here, not in the engine: a response may be several texts
         item = self.items[r.item_id]
         item["status"] = "completed" if status == "completed" else "incomplete"
+        item["content"][0]["transcript"] = r.text
         item["audio_ms"] = r.audio_samples * 1000 // WIRE_RATE
         common = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
         self._send(P.server_event("response.output_audio.done", **common))
@@ -445,6 +508,100 @@ class RealtimeSession:
             why = {"interrupted": "turn_detected", "cancelled": "client_cancelled", "incomplete": "max_output_tokens"}
             details = {"type": status, "reason": reason or why.get(status, status)}
         self._send(P.server_event("response.done", response=self._response_object(status, r, details)))
+
+    # ------------------------------------------------------------------ the dialogue (voice turns, streamed answers)
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _voice_turn(self, item_id: str, audio: Any) -> None:
+        """A user turn ended: commit it as a user item now, transcribe (and answer) it in the background."""
+        if audio.shape[0] < self.dialogue.cfg.min_turn_s * WIRE_RATE:
+            return
+        previous = self._last_item()
+        self._send(P.server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed",
+                "role": "user", "content": [{"type": "input_audio", "transcript": None}]}
+        self._add_item(item)
+        if self.beta:
+            self._send(P.server_event("conversation.item.created", previous_item_id=previous, item=item))
+        else:
+            self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
+            self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
+        self._spawn(self._transcribe_and_answer(item, audio))
+
+    async def _transcribe_and_answer(self, item: dict, audio: Any) -> None:
+        common = {"item_id": item["id"], "content_index": 0}
+        try:
+            text = await self.dialogue.transcribe(audio, WIRE_RATE)
+        except Exception as e:
+            log.exception("session %s: transcription failed", self.id)
+            self._send(P.server_event(
+                "conversation.item.input_audio_transcription.failed", **common,
+                error={"type": "server_error", "code": ErrorCode.SERVER_ERROR.value,
+                       "message": f"transcription failed: {type(e).__name__}"},
+            ))
+            return
+        item["content"][0]["transcript"] = text
+        self._send(P.server_event("conversation.item.input_audio_transcription.completed", transcript=text, **common))
+        td = self.state.turn_detection
+        # answer unless told not to, already answering, or the user has started speaking again
+        if text and td is not None and td.create_response and self.response is None and not self._vad.active:
+            self._start_streamed_response(self.state.instructions, None)
+
+    def _start_streamed_response(self, instructions: str, max_frames: int | None) -> None:
+        r = self._open_response("", max_frames)
+        r.generating = True
+        # a copy of the newest items (the chat LM keeps what fits its prompt): the worker thread reads it
+        items = copy.deepcopy([self.items[i] for i in self.order[-MAX_CONTEXT_ITEMS - 1 : -1]])
+        self._spawn(self._write_answer(r, items, instructions))
+
+    async def _write_answer(self, r: Response, items: list[dict], instructions: str) -> None:
+        """Stream the responder's text: each piece goes out as a transcript delta, each sentence to the voice."""
+        chunker = SpeechChunker(min(self.engine.model.max_text_chars, self.settings.max_text_chars))
+        common = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+        failure = None
+        try:
+            async with contextlib.aclosing(self.dialogue.stream(items, instructions, r.stop)) as pieces:
+                async for piece in pieces:
+                    if self.response is not r:
+                        break
+                    r.text += piece
+                    self._send(P.server_event("response.output_audio_transcript.delta", delta=piece, **common))
+                    for text in chunker.push(piece):
+                        self._queue_speech(r, text)
+            if self.response is r:
+                for text in chunker.flush():
+                    self._queue_speech(r, text)
+        except Exception as e:
+            log.exception("session %s: the responder failed", self.id)
+            failure = f"the responder failed: {type(e).__name__}"
+        finally:
+            r.generating = False
+        if self.response is not r or r.speaking or r.pending:
+            return  # ended already, or the voice finishes the last sentences and then ends it
+        if failure is None and not r.text.strip():
+            failure = "the responder gave no answer"
+        self._finish_response("failed" if failure else "completed", failure)
+
+    def _queue_speech(self, r: Response, text: str) -> None:
+        r.pending.append(text)
+        if not r.speaking:
+            self._speak_next(r)
+
+    def _speak_next(self, r: Response) -> None:
+        """Hand the next written sentence to the engine, within what is left of ``max_output_tokens``."""
+        if not r.pending:
+            return  # the responder is still writing it
+        left = None
+        if r.max_frames is not None:
+            left = r.max_frames - r.audio_samples // self.engine.wire_frame
+            if left <= 0:
+                self._finish_response("incomplete", None)
+                return
+        r.speaking = True
+        self.engine.speak(self.handle, r.id, r.pending.popleft(), left)
 
     # ------------------------------------------------------------------ helpers
     def _add_item(self, item: dict) -> None:

@@ -103,6 +103,15 @@ class DuplexVoiceModel:
         self.speaking[dst] = self.speaking[src]
         self.pos_host[dst] = self.pos_host[src]
 
+    @property
+    def max_text_chars(self) -> int:
+        """Text (UTF-8 bytes) that always fits one response's prefix: longer answers are spoken in parts.
+
+        Exact for the byte tokenizer; espeak-ng IPA runs about one symbol per letter, so half is safe.
+        """
+        budget = self.cfg.lslm.max_text_len - 2  # bos, eos
+        return budget if isinstance(self.tokenizer, ByteTokenizer) else budget // 2
+
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
         limit = self.cfg.lslm.max_text_len

@@ -39,7 +39,7 @@ class LSLMTrainConfig:
     data: str = "data/speech"
     codec: str = "speech/weights/codec.safetensors"
     out: str = "runs/lslm"
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 16
     lr: float = 5e-4
     max_frames: int = 150  # longest target utterance (6 s); longer ones are skipped

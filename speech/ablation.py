@@ -1,0 +1,146 @@
+"""The fusion ablation of the LSLM paper's Table 2 at our scale: ``python -m speech.ablation``.
+
+Trains early, middle and late fusion with one identical budget (a smaller model than the default, so
+all three fit one CPU session), evaluates each with ``speech.evaluate`` on the same held-out scenes,
+and writes the table (``docs/fusion_ablation.md``) and a plot (``docs/fusion_ablation.png``).
+Each run is resumable: a finished one is only re-evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from speech.config import LSLMConfig
+from speech.evaluate import EvalConfig, build_model, evaluate
+from speech.train import LSLMTrainConfig, train
+
+FUSIONS = ("early", "middle", "late")
+# The paper's Table 2 (command-based), as fractions: (WER clean, WER noisy, F1 clean, F1 noisy).
+PAPER = {"early": (0.3356, 0.3499, 0.9810, 0.9720), "middle": (0.0405, 0.0451, 0.9800, 0.9738),
+         "late": (0.0437, 0.0687, 0.9789, 0.9489)}
+
+
+@dataclass
+class AblationConfig:
+    out: str = "runs/ablation"
+    docs: str = "docs"
+    data: str = "data/speech"
+    weights: str = "speech/weights"  # the codec
+    setting: str = "command"
+    steps: int = 2000
+    batch: int = 16
+    d_model: int = 192
+    n_layers: int = 4
+    utterances: int = 60  # per evaluation scene
+    seed: int = 0
+
+
+def run(ac: AblationConfig, quick: bool = False) -> dict:
+    results = {}
+    from speech.asr import WhisperASR
+
+    asr = WhisperASR()
+    for fusion in FUSIONS:
+        out = Path(ac.out) / fusion
+        tc = LSLMTrainConfig(fusion=fusion, setting=ac.setting, data=ac.data,
+                             codec=str(Path(ac.weights) / "codec.safetensors"), out=str(out), steps=ac.steps,
+                             batch=ac.batch, seed=ac.seed, checkpoint_every=500)
+        model_cfg = LSLMConfig(d_model=ac.d_model, n_layers=ac.n_layers, n_heads=4, d_ff=4 * ac.d_model)
+        if quick:
+            tc.steps, tc.batch, tc.max_utterances, tc.checkpoint_every = 20, 4, 48, 20
+            model_cfg = LSLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128)
+        if not (out / "report.json").is_file():
+            train(tc, model_cfg)
+        ec = EvalConfig(weights=ac.weights, lslm=str(out / "lslm.safetensors"), data=ac.data,
+                        setting=ac.setting, utterances=8 if quick else ac.utterances, seed=ac.seed)
+        model = build_model(ec.weights, ec.lslm, ec.batch)
+        report = evaluate(ec, model=model, asr=asr, with_vad=False)
+        results[fusion] = {k: report[k] for k in ("f1", "f1_noisy", "wer", "wer_noisy", "false_interruption_rate",
+                                                  "false_interruption_rate_backchannel", "reaction_ms")}
+        results[fusion]["teacher_forced"] = json.loads((out / "report.json").read_text())["eval"]
+        results["wer_original"], results["wer_codec"] = report["wer_original"], report["wer_codec"]
+    results["config"] = asdict(ac)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| fusion | WER clean | WER noisy | F1 clean | F1 noisy | false IRQ (noise) | false IRQ (words) "
+             "| paper WER clean / noisy | paper F1 clean / noisy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in FUSIONS:
+        r, p = results[f], PAPER[f]
+        lines.append(
+            f"| {f} | {100 * r['wer']:.1f} | {100 * r['wer_noisy']:.1f} | {100 * r['f1']:.1f} | "
+            f"{100 * r['f1_noisy']:.1f} | {100 * r['false_interruption_rate']:.1f} | "
+            f"{100 * r['false_interruption_rate_backchannel']:.1f} | {100 * p[0]:.2f} / {100 * p[1]:.2f} | "
+            f"{100 * p[2]:.2f} / {100 * p[3]:.2f} |"
+        )
+    lines.append(f"\nAll figures in %. Whisper tiny.en WER of the target voice itself: "
+                 f"{100 * results['wer_original']:.1f}%; through our codec: {100 * results['wer_codec']:.1f}%.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = range(len(FUSIONS))
+    w = 0.38
+    for ax, keys, title in ((ax1, ("f1", "f1_noisy"), "interruption F1 (higher is better)"),
+                            (ax2, ("wer", "wer_noisy"), "WER of generated speech (lower is better)")):
+        for j, (key, label) in enumerate(zip(keys, ("clean", "noisy"), strict=True)):
+            vals = [100 * results[f][key] for f in FUSIONS]
+            bars = ax.bar([i + (j - 0.5) * w for i in x], vals, w, label=label)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(list(x), FUSIONS)
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 108)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("LSLM fusion ablation at our scale (command-based, held-out test split)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m speech.ablation", description=__doc__.split("\n\n")[0])
+    for name, value in asdict(AblationConfig()).items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 8 utterances (smoke run)")
+    p.add_argument("--json", type=Path)
+    args = vars(p.parse_args(argv))
+    quick, json_path = args.pop("quick"), args.pop("json")
+    ac = AblationConfig(**args)
+    if quick and ac.out == AblationConfig.out:
+        ac.out = "runs/ablation_quick"
+    torch.set_grad_enabled(True)
+    results = run(ac, quick)
+    md = table(results)
+    print("\n" + md)
+    docs = Path(ac.out) if quick else Path(ac.docs)  # a smoke run never overwrites the docs
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "fusion_ablation.md").write_text(
+        "# LSLM fusion ablation\n\nProduced by `python -m speech.ablation` "
+        f"(d_model {ac.d_model}, {ac.n_layers} layers, {ac.steps} steps of batch {ac.batch}, "
+        f"{ac.utterances} utterances per scene).\n\n{md}\n\n![fusion ablation](fusion_ablation.png)\n")
+    plot(results, docs / "fusion_ablation.png")
+    print(f"wrote {docs / 'fusion_ablation.md'} and {docs / 'fusion_ablation.png'}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+        print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
