@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from realtime.config import Settings
@@ -25,6 +26,8 @@ from realtime.session import RealtimeSession
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
+
+WEB_STATIC = Path(__file__).resolve().parent.parent / "web" / "static"  # the voice-chat page (web/README.md)
 
 
 def build_voice_model(settings: Settings) -> VoiceModel:
@@ -125,10 +128,22 @@ def create_app(
             engine.reset_stats()
         return summary
 
-    @app.get("/")
-    async def index() -> dict[str, Any]:
-        return {"name": "duplex-server", "version": __version__, "realtime": "/v1/realtime",
-                "health": "/healthz", "metrics": "/metrics"}
+    static_files = {p.name for p in WEB_STATIC.glob("*") if p.is_file()} if WEB_STATIC.is_dir() else set()
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        """The voice-chat page; a client that asks for JSON gets where things are."""
+        accept = request.headers.get("accept", "")
+        if "index.html" not in static_files or ("application/json" in accept and "text/html" not in accept):
+            return JSONResponse({"name": "duplex-server", "version": __version__, "realtime": "/v1/realtime",
+                                 "health": "/healthz", "metrics": "/metrics"})
+        return FileResponse(WEB_STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in static_files:  # only the page's own files: no path ever reaches the filesystem
+            return JSONResponse({"error": {"code": "not_found", "message": f"no static file {name!r}"}}, 404)
+        return FileResponse(WEB_STATIC / name, headers={"Cache-Control": "no-cache"})
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:

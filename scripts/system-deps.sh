@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the project needs: espeak-ng (speech data, phonemes) and sox (audio checks).
+# Debian packages the project needs: espeak-ng (speech data, phonemes), sox (audio checks), and
+# chromium + chromium-driver (the browser tests of the voice-chat page, tests/test_web_page.py).
 # Installs them when missing (as root, or through sudo); otherwise says what to run.
 set -euo pipefail
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || missing+=(sox)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${missing[*]}"
 if [ "$(id -u)" -eq 0 ]; then
