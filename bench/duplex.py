@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="batched,sequential")
     p.add_argument("--quick", action="store_true", help="sessions 1,4 for 3 s each (under a minute on a CPU)")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--plot", type=Path, help="draw the figures as a PNG here")
     args = p.parse_args(argv)
     counts = [1, 4] if args.quick else [int(x) for x in args.sessions.split(",")]
     seconds = 3.0 if args.quick else args.seconds
@@ -221,12 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         print("step-time ratio sequential/batched (p50): " + ", ".join(f"{n}: {v:.2f}x" for n, v in ratios.items()))
         if best["sequential"]:
             print(f"real-time sessions ratio batched/sequential: {best['batched'] / best['sequential']:.2f}x")
+    figures = {
+        "device": device_name, "frame_ms": FRAME_MS, "seconds": seconds,
+        "rows": [asdict(r) for r in rows], "max_realtime_sessions": best,
+        "step_ratio_sequential_over_batched": ratios,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": device_name, "frame_ms": FRAME_MS, "seconds": seconds,
-            "rows": [asdict(r) for r in rows], "max_realtime_sessions": best,
-            "step_ratio_sequential_over_batched": ratios,
-        }, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        from bench.plots import plot_duplex
+
+        plot_duplex(figures, args.plot)
+        print(f"wrote {args.plot}")
     return 0
