@@ -20,6 +20,8 @@ from speech.evaluate import EvalConfig, build_model, evaluate
 from speech.train import LSLMTrainConfig, train
 
 FUSIONS = ("early", "middle", "late")
+METRICS = ("f1", "f1_noisy", "wer", "wer_noisy", "false_interruption_rate", "false_interruption_rate_backchannel",
+           "reaction_ms")
 # The paper's Table 2 (command-based), as fractions: (WER clean, WER noisy, F1 clean, F1 noisy).
 PAPER = {"early": (0.3356, 0.3499, 0.9810, 0.9720), "middle": (0.0405, 0.0451, 0.9800, 0.9738),
          "late": (0.0437, 0.0687, 0.9789, 0.9489)}
@@ -37,51 +39,67 @@ class AblationConfig:
     d_model: int = 192
     n_layers: int = 4
     utterances: int = 60  # per evaluation scene
+    fusions: str = "early,middle,late"
+    listen_norm: bool = False  # as the committed default was trained; True: normalised listening features
     seed: int = 0
 
 
+def arm_name(fusion: str, listen_norm: bool) -> str:
+    return f"{fusion}-norm" if listen_norm else fusion
+
+
 def run(ac: AblationConfig, quick: bool = False) -> dict:
-    results = {}
+    """Train (unless done) and evaluate each requested arm; results are kept per arm in its run folder,
+    so arms run in separate invocations join one table."""
     from speech.asr import WhisperASR
 
     asr = WhisperASR()
-    for fusion in FUSIONS:
-        out = Path(ac.out) / fusion
+    for fusion in ac.fusions.split(","):
+        name = arm_name(fusion, ac.listen_norm)
+        out = Path(ac.out) / name
         tc = LSLMTrainConfig(fusion=fusion, setting=ac.setting, data=ac.data,
                              codec=str(Path(ac.weights) / "codec.safetensors"), out=str(out), steps=ac.steps,
                              batch=ac.batch, seed=ac.seed, checkpoint_every=500)
-        model_cfg = LSLMConfig(d_model=ac.d_model, n_layers=ac.n_layers, n_heads=4, d_ff=4 * ac.d_model)
+        model_cfg = LSLMConfig(d_model=ac.d_model, n_layers=ac.n_layers, n_heads=4, d_ff=4 * ac.d_model,
+                               listen_norm=ac.listen_norm)
         if quick:
             tc.steps, tc.batch, tc.max_utterances, tc.checkpoint_every = 20, 4, 48, 20
-            model_cfg = LSLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128)
+            model_cfg = LSLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, listen_norm=ac.listen_norm)
         if not (out / "report.json").is_file():
             train(tc, model_cfg)
         ec = EvalConfig(weights=ac.weights, lslm=str(out / "lslm.safetensors"), data=ac.data,
                         setting=ac.setting, utterances=8 if quick else ac.utterances, seed=ac.seed)
         model = build_model(ec.weights, ec.lslm, ec.batch)
         report = evaluate(ec, model=model, asr=asr, with_vad=False)
-        results[fusion] = {k: report[k] for k in ("f1", "f1_noisy", "wer", "wer_noisy", "false_interruption_rate",
-                                                  "false_interruption_rate_backchannel", "reaction_ms")}
-        results[fusion]["teacher_forced"] = json.loads((out / "report.json").read_text())["eval"]
-        results["wer_original"], results["wer_codec"] = report["wer_original"], report["wer_codec"]
-    results["config"] = asdict(ac)
-    return results
+        arm = {k: report[k] for k in METRICS}
+        arm.update(fusion=fusion, listen_norm=ac.listen_norm, wer_original=report["wer_original"],
+                   wer_codec=report["wer_codec"], teacher_forced=json.loads((out / "report.json").read_text())["eval"])
+        (out / "ablation_eval.json").write_text(json.dumps(arm, indent=2))
+    return collect(Path(ac.out))
+
+
+def collect(root: Path) -> dict:
+    """Every evaluated arm under ``root``, in table order."""
+    order = [arm_name(f, n) for n in (False, True) for f in FUSIONS]
+    arms = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/ablation_eval.json")}
+    return {name: arms[name] for name in order if name in arms}
 
 
 def table(results: dict) -> str:
-    lines = ["| fusion | WER clean | WER noisy | F1 clean | F1 noisy | false IRQ (noise) | false IRQ (words) "
-             "| paper WER clean / noisy | paper F1 clean / noisy |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for f in FUSIONS:
-        r, p = results[f], PAPER[f]
+    lines = ["| arm | WER clean | WER noisy | F1 clean | F1 noisy | false IRQ (noise) | false IRQ (words) "
+             "| teacher-forced code accuracy | paper WER clean / noisy | paper F1 clean / noisy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        p = PAPER[r["fusion"]]
         lines.append(
-            f"| {f} | {100 * r['wer']:.1f} | {100 * r['wer_noisy']:.1f} | {100 * r['f1']:.1f} | "
+            f"| {name} | {100 * r['wer']:.1f} | {100 * r['wer_noisy']:.1f} | {100 * r['f1']:.1f} | "
             f"{100 * r['f1_noisy']:.1f} | {100 * r['false_interruption_rate']:.1f} | "
-            f"{100 * r['false_interruption_rate_backchannel']:.1f} | {100 * p[0]:.2f} / {100 * p[1]:.2f} | "
-            f"{100 * p[2]:.2f} / {100 * p[3]:.2f} |"
+            f"{100 * r['false_interruption_rate_backchannel']:.1f} | {100 * r['teacher_forced']['code_acc']:.1f} | "
+            f"{100 * p[0]:.2f} / {100 * p[1]:.2f} | {100 * p[2]:.2f} / {100 * p[3]:.2f} |"
         )
+    any_arm = next(iter(results.values()))
     lines.append(f"\nAll figures in %. Whisper tiny.en WER of the target voice itself: "
-                 f"{100 * results['wer_original']:.1f}%; through our codec: {100 * results['wer_codec']:.1f}%.")
+                 f"{100 * any_arm['wer_original']:.1f}%; through our codec: {100 * any_arm['wer_codec']:.1f}%.")
     return "\n".join(lines)
 
 
@@ -92,15 +110,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    x = range(len(FUSIONS))
+    names = list(results)
+    x = range(len(names))
     w = 0.38
     for ax, keys, title in ((ax1, ("f1", "f1_noisy"), "interruption F1 (higher is better)"),
                             (ax2, ("wer", "wer_noisy"), "WER of generated speech (lower is better)")):
         for j, (key, label) in enumerate(zip(keys, ("clean", "noisy"), strict=True)):
-            vals = [100 * results[f][key] for f in FUSIONS]
+            vals = [100 * results[n][key] for n in names]
             bars = ax.bar([i + (j - 0.5) * w for i in x], vals, w, label=label)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_xticks(list(x), FUSIONS)
+        ax.set_xticks(list(x), names)
         ax.set_ylabel("%")
         ax.set_ylim(0, 108)
         ax.set_title(title, fontsize=10)
@@ -115,7 +134,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m speech.ablation", description=__doc__.split("\n\n")[0])
     for name, value in asdict(AblationConfig()).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(flag, type=type(value), default=value)
     p.add_argument("--quick", action="store_true", help="tiny models, 20 steps, 8 utterances (smoke run)")
     p.add_argument("--json", type=Path)
     args = vars(p.parse_args(argv))
@@ -130,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     docs = Path(ac.out) if quick else Path(ac.docs)  # a smoke run never overwrites the docs
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "fusion_ablation.md").write_text(
-        "# LSLM fusion ablation\n\nProduced by `python -m speech.ablation` "
+        "# LSLM fusion ablation\n\nProduced by `python -m speech.ablation` and "
+        "`python -m speech.ablation --fusions middle --listen-norm` (the `-norm` arm) "
         f"(d_model {ac.d_model}, {ac.n_layers} layers, {ac.steps} steps of batch {ac.batch}, "
-        f"{ac.utterances} utterances per scene).\n\n{md}\n\n![fusion ablation](fusion_ablation.png)\n")
+        f"{ac.utterances} utterances per scene, command-based, held-out test split).\n\n{md}\n\n"
+        "![fusion ablation](fusion_ablation.png)\n")
     plot(results, docs / "fusion_ablation.png")
     print(f"wrote {docs / 'fusion_ablation.md'} and {docs / 'fusion_ablation.png'}")
     if json_path:

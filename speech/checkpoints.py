@@ -61,6 +61,7 @@ def save_lslm(path: str | Path, lslm: LSLM) -> None:
 
 def load_lslm(path: str | Path) -> tuple[LSLMConfig, LSLM]:
     cfg_d, sd = _load(path, "lslm")
+    cfg_d.setdefault("listen_norm", False)  # saved before the field existed: raw listening features
     cfg = LSLMConfig(**cfg_d)
     lslm = LSLM(cfg)
     lslm.load_state_dict(sd)

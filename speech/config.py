@@ -69,6 +69,11 @@ class LSLMConfig:
     dropout: float = 0.0
     codebook_size: int = 1024
     tokenizer: str = "bytes"  # bytes | phonemes (speech.text)
+    # LayerNorm the listening features and zero-init their projection. The codec's features have an RMS
+    # near 16, ~1000x the token embeddings: unnormalised, they drown the text and position signal in
+    # every block (early / middle fusion) and the TTS learns far slower. Checkpoints saved before this
+    # field existed load with False.
+    listen_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("bytes", "phonemes"):

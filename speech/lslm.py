@@ -79,12 +79,15 @@ class LSLM(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_vocab, cfg.d_model)
         self.speech_emb = nn.Embedding(cfg.codebook_size + 1, cfg.d_model)  # codes + speech BOS
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.listen_norm = nn.LayerNorm(cfg.listen_dim) if cfg.listen_norm else nn.Identity()
         self.listen_proj = nn.Linear(cfg.listen_dim, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.out_vocab)
         self.late_proj = nn.Linear(cfg.d_model, cfg.out_vocab) if cfg.fusion == "late" else None
         self.apply(self._init)
+        if cfg.listen_norm:  # the speaking channel starts as a plain TTS; listening is learned on top
+            nn.init.zeros_(self.listen_proj.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -129,7 +132,7 @@ class LSLM(nn.Module):
         if listen_feats is None or self.cfg.fusion == "none":
             listen = torch.zeros_like(x)
         else:
-            listen = self.listen_proj(listen_feats) * is_speech[..., None]
+            listen = self.listen_proj(self.listen_norm(listen_feats)) * is_speech[..., None]
         return self._run_blocks(x, pos_e, listen, lambda i, blk, h: blk(h))
 
     def forward(self, text: Tensor, speech_in: Tensor, listen_feats: Tensor | None = None) -> Tensor:
@@ -172,7 +175,7 @@ class LSLM(nn.Module):
         rows = torch.arange(b, device=tokens.device)
         x = self.speech_emb(tokens)[:, None]
         pos_e = self.pos_emb(pos)[:, None]
-        listen = self.listen_proj(listen_feats)[:, None] if self.cfg.fusion != "none" else torch.zeros_like(x)
+        listen = self.listen_proj(self.listen_norm(listen_feats))[:, None] if self.cfg.fusion != "none" else torch.zeros_like(x)
         mask = (torch.arange(t_max, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
         logits = self._run_blocks(
             x, pos_e, listen, lambda i, blk, h: blk.forward_cached(h, k_cache[i], v_cache[i], rows, pos, mask)

@@ -64,3 +64,23 @@ def test_the_free_running_loop_batches_and_records_stops():
     out = run_model(model, trials, "speak")
     assert all(o.stop_frame is None and o.eos_frame is None for o in out)
     assert all(len(o.audio) == 8 and o.audio[0].shape == (FS,) for o in out)  # spoke every frame, then cut
+
+
+def test_ablation_arms_from_separate_runs_join_one_table_and_plot(tmp_path):
+    import json
+
+    from speech.ablation import collect, plot, table
+
+    for i, name in enumerate(("late", "middle-norm", "early")):
+        arm = {"fusion": name.split("-")[0], "listen_norm": name.endswith("norm"), "f1": 0.9, "f1_noisy": 0.8,
+               "wer": 0.1 * i, "wer_noisy": 0.2, "false_interruption_rate": 0.0,
+               "false_interruption_rate_backchannel": 0.05, "reaction_ms": 300.0, "wer_original": 0.02,
+               "wer_codec": 0.5, "teacher_forced": {"code_acc": 0.1}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ablation_eval.json").write_text(json.dumps(arm))
+    results = collect(tmp_path)
+    assert list(results) == ["early", "late", "middle-norm"]  # table order, whatever the run order
+    md = table(results)
+    assert md.count("\n| ") == 3 and "| early | 20.0 |" in md and "33.56 / 34.99" in md
+    plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,7 @@ def test_lslm_cached_decode_equals_teacher_forcing(fusion):
     cfg = VoiceModelConfig.tiny().lslm
     cfg.fusion = fusion
     model = LSLM(cfg).eval()
+    torch.nn.init.normal_(model.listen_proj.weight, std=0.05)  # zero at init: give listening a say
     text = torch.randint(0, 256, (1, 6))
     speech = torch.randint(0, cfg.codebook_size, (1, 5))
     speech[:, 0] = cfg.speech_bos_id
@@ -72,10 +75,35 @@ def test_fusion_uses_the_listening_channel(fusion, listens):
     model = LSLM(cfg).eval()
     text = torch.randint(0, 256, (1, 4))
     speech = torch.full((1, 3), cfg.speech_bos_id)
+    quiet, loud = torch.zeros(1, 3, cfg.listen_dim), 16 * torch.randn(1, 3, cfg.listen_dim)
     with torch.no_grad():
-        a = model(text, speech, torch.zeros(1, 3, cfg.listen_dim))
-        b = model(text, speech, torch.randn(1, 3, cfg.listen_dim))
+        # a fresh model is a plain TTS: the zero-initialised projection keeps listening out at first
+        assert torch.allclose(model(text, speech, quiet), model(text, speech, loud))
+        torch.nn.init.normal_(model.listen_proj.weight, std=0.05)
+        a, b = model(text, speech, quiet), model(text, speech, loud)
     assert (not torch.allclose(a, b)) == listens
+
+
+def test_listening_features_are_normalised_and_old_checkpoints_load_raw(tmp_path):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from speech.checkpoints import load_lslm
+
+    cfg = VoiceModelConfig.tiny().lslm
+    model = LSLM(cfg)
+    torch.nn.init.normal_(model.listen_proj.weight, std=0.05)
+    with torch.no_grad():  # the scale of the codec's features (RMS ~16) no longer matters
+        feats = torch.randn(2, cfg.listen_dim)
+        torch.testing.assert_close(model.listen_proj(model.listen_norm(feats)),
+                                   model.listen_proj(model.listen_norm(16 * feats)), atol=1e-4, rtol=1e-4)
+    old = LSLM(VoiceModelConfig.tiny().lslm.__class__(**{**asdict(cfg), "listen_norm": False}))
+    old_cfg = {k: v for k, v in asdict(old.cfg).items() if k != "listen_norm"}  # as saved before the field
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"kind": "lslm", "config": json.dumps(old_cfg)})
+    loaded_cfg, loaded = load_lslm(tmp_path / "old.safetensors")
+    assert loaded_cfg.listen_norm is False and isinstance(loaded.listen_norm, torch.nn.Identity)
 
 
 def test_lslm_config_validation():
