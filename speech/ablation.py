@@ -59,7 +59,7 @@ def run(ac: AblationConfig, quick: bool = False) -> dict:
         out = Path(ac.out) / name
         tc = LSLMTrainConfig(fusion=fusion, setting=ac.setting, data=ac.data,
                              codec=str(Path(ac.weights) / "codec.safetensors"), out=str(out), steps=ac.steps,
-                             batch=ac.batch, seed=ac.seed, checkpoint_every=500)
+                             batch=ac.batch, seed=ac.seed, checkpoint_every=500, listen_norm=ac.listen_norm)
         model_cfg = LSLMConfig(d_model=ac.d_model, n_layers=ac.n_layers, n_heads=4, d_ff=4 * ac.d_model,
                                listen_norm=ac.listen_norm)
         if quick:
@@ -123,7 +123,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("%")
         ax.set_ylim(0, 108)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
     fig.suptitle("LSLM fusion ablation at our scale (command-based, held-out test split)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,11 @@ def parse_recipe_args(config_cls: type, argv: list[str] | None, prog: str, descr
     defaults = asdict(config_cls())
     for f in fields(config_cls):
         default = defaults[f.name]
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
-                       choices=(choices or {}).get(f.name))
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(default, bool):  # --flag / --no-flag: type=bool would read "False" as True
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default, choices=(choices or {}).get(f.name))
     p.add_argument("--quick", action="store_true", help="a few steps of a tiny model (smoke run, under a minute)")
     p.add_argument("--json", type=Path, help="write the evaluation figures here")
     args = vars(p.parse_args(argv))

@@ -48,6 +48,7 @@ class LSLMTrainConfig:
     p_noise: float = 0.5
     p_interrupt: float = 0.5
     p_distractor: float = 0.25
+    listen_norm: bool = True  # normalised listening features (LSLMConfig.listen_norm); the shipped default: False
     control_weight: float = 3.0  # loss weight of the IRQ / EOS targets: one per sequence among ~50 codes
     seed: int = 0
     device: str = "auto"
@@ -220,7 +221,7 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
         cfg, model = load_lslm(ckpt)
     else:
         cfg = model_cfg or LSLMConfig()
-        cfg = LSLMConfig(**{**asdict(cfg), "fusion": tc.fusion, "tokenizer": "phonemes",
+        cfg = LSLMConfig(**{**asdict(cfg), "fusion": tc.fusion, "tokenizer": "phonemes", "listen_norm": tc.listen_norm,
                             "codebook_size": codec_cfg.codebook_size, "listen_dim": codec_cfg.channels})
         model = LSLM(cfg)
     model.to(device).train()

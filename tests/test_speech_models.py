@@ -201,3 +201,18 @@ def test_an_lslm_trained_on_another_codec_is_refused(tmp_path):
     save_lslm(tmp_path / "lslm.safetensors", LSLM(other))
     with pytest.raises(ValueError, match="codebook_size"):
         load_voice_model(tmp_path, capacity=1)
+
+
+def test_a_checkpoint_shipped_in_float16_loads_as_float32(tmp_path):
+    from speech.checkpoints import load_lslm, save_lslm
+    from speech.export import export_half
+
+    model = LSLM(VoiceModelConfig.tiny().lslm)
+    save_lslm(tmp_path / "run.safetensors", model)
+    full, half = export_half(tmp_path / "run.safetensors", tmp_path / "ship.safetensors")
+    assert half < 0.6 * full
+    cfg, loaded = load_lslm(tmp_path / "ship.safetensors")
+    assert cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert b.dtype == a.dtype, name
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
