@@ -32,7 +32,7 @@ bench-duplex: $(STAMP)
 	$(PY) -m bench duplex --quick --json artifacts/bench_duplex.json
 
 lint: $(STAMP)
-	$(PY) -m ruff check realtime speech vision web bench lm tests
+	$(PY) -m ruff check realtime speech vision web bench lm deploy tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

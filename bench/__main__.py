@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"duplex": "bench.duplex"}
+BENCHMARKS = {
+    "duplex": "bench.duplex",
+    "voice-step": "bench.voice_step",
+    "lora-op": "bench.lora_op",
+    "lora-serve": "bench.lora_serve",
+}
 
 
 def main() -> int:

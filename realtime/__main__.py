@@ -9,29 +9,46 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from realtime.app import create_app
     from realtime.config import Settings
     from realtime.dialogue import build_dialogue
+    from realtime.drain import DrainingServer
 
     overrides = {
         "host": args.host, "port": args.port, "device": args.device, "capacity": args.capacity,
         "engine_mode": args.engine_mode, "voice_dir": args.voice_dir, "log_level": args.log_level,
         "api_keys": args.api_key or None, "chat_model": args.chat_model, "asr_model": args.asr_model,
+        "api_keys_file": args.api_keys_file, "key_max_sessions": args.key_max_sessions, "key_rpm": args.key_rpm,
+        "max_session_seconds": args.max_session_seconds, "drain_seconds": args.drain_seconds, "db": args.db,
+        "data_dir": args.data_dir, "vision_model": args.vision_model, "adapter_dir": args.adapter_dir,
+        "lora_slots": args.lora_slots, "max_lora_rank": args.max_lora_rank, "lora_policy": args.lora_policy,
     }
     settings = Settings.load(overrides)
+    settings.db = settings.resolved_db()  # serve keeps records by default (--db none: off)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"loading the dialogue brain: chat model {settings.chat_model}, "
           f"speech recognition {settings.asr_model or 'whisper tiny.en'} ...", flush=True)
     dialogue = build_dialogue(settings, settings.resolved_device())
-    app = create_app(settings, dialogue=dialogue)
-    print(f"serving on http://{settings.host}:{settings.port}  (websocket: ws://{settings.host}:{settings.port}/v1/realtime)",
-          flush=True)
-    uvicorn.run(
+    vision = None
+    if settings.vision_model.lower() != "none":
+        from vision.service import build_vision_service
+
+        print(f"loading the vision model {settings.vision_model} (adapters: {settings.adapter_dir or 'none'}) ...",
+              flush=True)
+        vision = build_vision_service(settings, settings.resolved_device())
+    app = create_app(settings, dialogue=dialogue, vision=vision)
+    print(f"serving on http://{settings.host}:{settings.port}  (websocket: ws://{settings.host}:{settings.port}/v1/realtime)"
+          f"; records: {settings.db or 'off'}", flush=True)
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
         log_level=settings.log_level, ws_ping_interval=20, ws_ping_timeout=20,
+        timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),  # HTTP requests still running after the drain
     )
+    DrainingServer(config, app.state.drain, settings.drain_seconds).run()
     return 0
 
 
@@ -57,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (default auto)")
     s.add_argument("--api-key", action="append", help="accepted API key; repeat for several (default: no auth)")
+    s.add_argument("--api-keys-file", help="accepted API keys, one per line, each optionally followed by its "
+                   "limits: KEY max_sessions=N rpm=N")
+    s.add_argument("--key-max-sessions", type=int, help="concurrent sessions per key without its own limit (default 0: "
+                   "unlimited)")
+    s.add_argument("--key-rpm", type=int, help="new sessions + API requests per minute per key without its own limit "
+                   "(default 0: unlimited)")
+    s.add_argument("--max-session-seconds", type=float, help="close sessions this old with session_expired "
+                   "(default 3600; 0: no limit)")
+    s.add_argument("--drain-seconds", type=float, help="on SIGTERM, how long live sessions may finish their "
+                   "response before they are closed (default 10)")
+    s.add_argument("--db", help="SQLite file of transcripts and usage records (default DATA_DIR/realtime.db; "
+                   "none: keep no records)")
+    s.add_argument("--data-dir", help="where records are kept (default $XDG_DATA_HOME/duplex-server)")
     s.add_argument("--capacity", type=int, help="concurrent voice sessions before refusing (default 16)")
     s.add_argument("--engine-mode", choices=["batched", "sequential"], help="batched step (default) or one session per step")
     s.add_argument("--voice-dir", help="a folder with codec.safetensors / lslm.safetensors instead of the embedded default")
@@ -65,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--asr-model", help="what hears the user: default Whisper tiny.en (offline); a CTranslate2 "
                    "(faster-whisper) folder, a transformers Whisper folder, a hub name in the local cache, "
                    "or none")
+    s.add_argument("--vision-model", help="the vision-language model: default (EfficientNet-Lite0 + SmolLM2, offline), "
+                   "a local Hugging Face LLaVA folder, or none (no /v1/chat/completions)")
+    s.add_argument("--adapter-dir", help="LoRA adapters in peft's format, one sub-folder each, served by folder name")
+    s.add_argument("--lora-slots", type=int, help="adapters resident on the device at once (default 8)")
+    s.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
+    s.add_argument("--lora-policy", choices=["auto", "unmerged", "merged", "mixture"],
+                   help="merged/unmerged/mixture switching (default auto: VaLoRA's orchestrator)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 

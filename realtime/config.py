@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -12,7 +13,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto | cpu | cuda
-    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    api_keys: list[str] = field(default_factory=list)  # empty (and no keys file): no authentication
+    api_keys_file: str = ""  # one key per line, optionally "KEY max_sessions=N rpm=N" (realtime.auth)
+    key_max_sessions: int = 0  # concurrent sessions per key, for keys without their own limit (0: unlimited)
+    key_rpm: int = 0  # new sessions + API requests per minute per key, likewise (0: unlimited)
     capacity: int = 16  # concurrent voice sessions; more are refused
     engine_mode: str = "batched"  # batched | sequential (one session per model call: the baseline)
     voice_dir: str = ""  # a folder with codec.safetensors / lslm.safetensors; empty: the embedded default
@@ -27,6 +31,18 @@ class Settings:
     event_burst: int = 400
     send_queue_max: int = 1024  # server events buffered for a slow reader before it is closed
     max_errors_per_minute: int = 120  # a client past this is closed (1008)
+    max_session_seconds: float = 3600.0  # a session this old gets session_expired and is closed (0: no limit)
+    max_pending_turns: int = 2  # voice turns waiting for speech recognition per session; more are dropped
+    drain_seconds: float = 10.0  # on SIGTERM: how long live sessions may finish their response
+    db: str = ""  # SQLite file of transcripts and usage; empty or none: no records (`serve` fills in resolved_db())
+    data_dir: str = ""  # where `serve` keeps its records; empty: $XDG_DATA_HOME/duplex-server
+    # Vision (python -m realtime serve builds it; create_app serves it only when given a VisionService):
+    vision_model: str = "default"  # default (EfficientNet-Lite0 + SmolLM2) | a local LLaVA folder | none
+    adapter_dir: str = ""  # LoRA adapters in peft's format, one sub-folder each, loaded at start
+    lora_slots: int = 8  # adapters resident on the device at once (more stay on the host, LRU)
+    max_lora_rank: int = 64
+    lora_policy: str = "auto"  # auto | unmerged | merged | mixture (the orchestrator's mode)
+    vision_max_running: int = 16  # chat requests decoding at once; more wait in the queue
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -42,6 +58,25 @@ class Settings:
             raise ValueError("chat_model must not be empty: smollm2, echo, a folder or a hub name")
         if not 1.0 <= self.max_turn_s <= 600.0:
             raise ValueError(f"max_turn_s must be within 1..600 seconds, not {self.max_turn_s}")
+        for name in ("key_max_sessions", "key_rpm", "max_session_seconds", "drain_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.lora_policy not in ("auto", "unmerged", "merged", "mixture"):
+            raise ValueError(f"lora_policy must be auto, unmerged, merged or mixture, not {self.lora_policy!r}")
+        if self.lora_slots < 1 or self.max_lora_rank < 1 or self.vision_max_running < 1:
+            raise ValueError("lora_slots, max_lora_rank and vision_max_running must be at least 1")
+        if self.max_pending_turns < 1:
+            raise ValueError("max_pending_turns must be at least 1")
+
+    def resolved_db(self) -> str:
+        """The records file ``serve`` uses: ``db``, else ``<data_dir>/realtime.db``; ``none`` turns it off."""
+        if self.db.lower() == "none":
+            return ""
+        if self.db:
+            return self.db
+        from realtime.store import default_data_dir
+
+        return str((Path(self.data_dir) if self.data_dir else default_data_dir()) / "realtime.db")
 
     @classmethod
     def load(cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -71,6 +106,10 @@ def _parse(type_name: Any, raw: str, name: str) -> Any:
     try:
         if t == "int":
             return int(raw)
+        if t == "bool":
+            if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError(raw)
+            return raw.strip().lower() in ("1", "true", "yes", "on")
         if t == "float":
             return float(raw)
         if t.startswith("list"):

@@ -11,8 +11,20 @@ class Metrics:
         self.sessions_active = Gauge("realtime_sessions_active", "Live voice sessions", registry=r)
         self.sessions_total = Counter("realtime_sessions_total", "Voice sessions accepted", registry=r)
         self.refusals = Counter(
-            "realtime_refusals_total", "Connections refused", ["reason"], registry=r
+            "realtime_refusals_total",
+            "Sessions and requests refused (capacity, unauthorized, key_rate_limited, key_session_limit, draining,"
+            " slow_consumer)", ["reason"], registry=r,
         )
+        self.sessions_closed = Counter(
+            "realtime_sessions_closed_total", "Sessions the server ended (expired, drained)", ["reason"], registry=r
+        )
+        self.draining = Gauge("realtime_draining", "1 while the server drains before shutting down", registry=r)
+        self.store_commits = Counter("realtime_store_commits_total", "Record-store transactions committed", registry=r)
+        self.store_errors = Counter(
+            "realtime_store_errors_total", "Record-store writes that failed, were dropped or were late", ["kind"],
+            registry=r,
+        )
+        self.store_queue = Gauge("realtime_store_queue_depth", "Record-store writes waiting", registry=r)
         self.errors = Counter("realtime_errors_total", "Error events sent to clients", ["code"], registry=r)
         self.frames = Counter("realtime_frames_total", "Session-frames stepped by the engine", registry=r)
         self.frames_dropped = Counter(

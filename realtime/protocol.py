@@ -32,6 +32,11 @@ class ErrorCode(enum.StrEnum):
     ITEM_NOT_FOUND = "item_not_found"
     UNSUPPORTED = "unsupported_value"
     SESSION_LIMIT = "session_limit_reached"
+    SESSION_EXPIRED = "session_expired"  # the session reached max_session_seconds
+    SERVER_SHUTTING_DOWN = "server_shutting_down"  # the server drains: finish up and reconnect elsewhere
+    INVALID_API_KEY = "invalid_api_key"
+    KEY_RATE_LIMITED = "key_rate_limited"  # the key's requests per minute
+    KEY_SESSION_LIMIT = "key_session_limit_reached"  # the key's concurrent sessions
     SLOW_CONSUMER = "slow_consumer"
     SERVER_ERROR = "server_error"
 
@@ -47,6 +52,7 @@ class BinaryKind(enum.IntEnum):
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
+    GOING_AWAY = 1001  # the server is shutting down
     POLICY = 1008  # abuse: flood of errors
     TOO_BIG = 1009
     INTERNAL = 1011
@@ -54,9 +60,13 @@ class CloseCode(enum.IntEnum):
 
 
 # ------------------------------------------------------------------ client events
+MAX_ID_CHARS = 64  # item, response and voice ids (OpenAI's are 32); longer ones are invalid_event
+MAX_EVENT_ID_CHARS = 128  # a longer client event_id is not echoed back
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    event_id: str | None = None
+    event_id: str | None = Field(None, max_length=MAX_EVENT_ID_CHARS)
 
 
 class TurnDetection(BaseModel):
@@ -84,7 +94,7 @@ class AudioInputConfig(BaseModel):
 class AudioOutputConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     format: AudioFormat | None = None
-    voice: str | None = None
+    voice: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
 class AudioConfig(BaseModel):
@@ -99,9 +109,9 @@ class SessionConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["realtime"] | None = None
     instructions: str | None = None
-    voice: str | None = None
-    output_modalities: list[Literal["audio", "text"]] | None = None
-    modalities: list[Literal["audio", "text"]] | None = None  # beta name
+    voice: str | None = Field(None, max_length=MAX_ID_CHARS)
+    output_modalities: list[Literal["audio", "text"]] | None = Field(None, max_length=2)
+    modalities: list[Literal["audio", "text"]] | None = Field(None, max_length=2)  # beta name
     audio: AudioConfig | None = None
     input_audio_format: Literal["pcm16"] | None = None  # beta
     output_audio_format: Literal["pcm16"] | None = None  # beta
@@ -135,23 +145,23 @@ class ContentPart(BaseModel):
 
 class ConversationItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system"]
-    content: list[ContentPart] = Field(min_length=1)
+    content: list[ContentPart] = Field(min_length=1, max_length=16)
 
 
 class ConversationItemCreate(_Event):
     type: Literal["conversation.item.create"]
-    previous_item_id: str | None = None
+    previous_item_id: str | None = Field(None, max_length=MAX_ID_CHARS)
     item: ConversationItem
 
 
 class ResponseParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
     instructions: str | None = None
-    output_modalities: list[Literal["audio", "text"]] | None = None
-    modalities: list[Literal["audio", "text"]] | None = None
+    output_modalities: list[Literal["audio", "text"]] | None = Field(None, max_length=2)
+    modalities: list[Literal["audio", "text"]] | None = Field(None, max_length=2)
     max_output_tokens: int | Literal["inf"] | None = None
 
 
@@ -162,12 +172,12 @@ class ResponseCreate(_Event):
 
 class ResponseCancel(_Event):
     type: Literal["response.cancel"]
-    response_id: str | None = None
+    response_id: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
 class ConversationItemTruncate(_Event):
     type: Literal["conversation.item.truncate"]
-    item_id: str
+    item_id: str = Field(max_length=MAX_ID_CHARS)
     content_index: int = Field(0, ge=0)
     audio_end_ms: int = Field(ge=0)
 
@@ -208,13 +218,16 @@ def parse_client_event(raw: str | bytes) -> _Event:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"message is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_EVENT, "an event must be a JSON object")
-    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    event_id = data.get("event_id")
+    if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_CHARS:
+        event_id = None  # errors echo the client's event_id: never a huge one
     etype = data.get("type")
     if not isinstance(etype, str):
         raise ProtocolError(ErrorCode.INVALID_EVENT, "missing string field 'type'", event_id, "type")
     if etype not in CLIENT_EVENT_TYPES:
+        shown = etype if len(etype) <= 64 else etype[:64] + "..."
         raise ProtocolError(
-            ErrorCode.UNKNOWN_EVENT, f"unknown event type {etype!r}; known: {sorted(CLIENT_EVENT_TYPES)}", event_id,
+            ErrorCode.UNKNOWN_EVENT, f"unknown event type {shown!r}; known: {sorted(CLIENT_EVENT_TYPES)}", event_id,
             "type",
         )
     try:

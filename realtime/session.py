@@ -8,6 +8,11 @@ bounded queue: a client that stops reading is closed cleanly instead of growing 
 With a ``Dialogue`` (realtime.dialogue) the session also hears the user: each voice turn is transcribed
 and answered, and every response's text is streamed from the responder and spoken sentence by sentence.
 Without one, the responder's text is spoken at once (the echo default of tests and ``create_app``).
+
+The server may end a session itself (``_shut``): at ``max_session_seconds`` (``session_expired``, close
+1000) or when it drains before shutting down (``server_shutting_down``, close 1001, after the response
+in flight; realtime.drain). With a record store, each finished response is written durably before its
+``response.done`` goes out (realtime.store).
 """
 
 from __future__ import annotations
@@ -22,23 +27,29 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from realtime import protocol as P
 from realtime.audio import ChunkResampler, EnergyVAD, float_to_pcm16, pcm16_to_float
+from realtime.auth import ANONYMOUS, Principal
 from realtime.config import Settings
 from realtime.dialogue import Dialogue, SpeechChunker, TurnAudio
 from realtime.engine import Engine, SessionHandle
 from realtime.metrics import Metrics
 from realtime.protocol import BinaryKind, CloseCode, ErrorCode, ProtocolError
 from realtime.responder import Responder, item_text
+from realtime.store import RecordStore, SessionLog
+
+if TYPE_CHECKING:
+    from realtime.drain import Drain
 
 log = logging.getLogger(__name__)
 
 WIRE_RATE = 24000
 MAX_CONTEXT_ITEMS = 64  # conversation items handed to the responder per answer
+STORE_WAIT_S = 5.0  # response.done waits this long for its record to be durable, then goes out anyway
 
 
 @dataclass
@@ -54,6 +65,7 @@ class Response:
     generating: bool = False  # the responder is still writing
     stopping: str | None = None  # the status to end with once the engine confirms (e.g. "cancelled")
     stop: threading.Event = field(default_factory=threading.Event)  # tells the responder to stop writing
+    created_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -83,7 +95,8 @@ class TokenBucket:
 class RealtimeSession:
     def __init__(
         self, ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics, responder: Responder,
-        beta: bool, model_name: str, dialogue: Dialogue | None = None,
+        beta: bool, model_name: str, dialogue: Dialogue | None = None, principal: Principal | None = None,
+        store: RecordStore | None = None, drain: Drain | None = None,
     ) -> None:
         self.ws, self.engine, self.settings, self.metrics = ws, engine, settings, metrics
         self.responder = responder
@@ -111,6 +124,14 @@ class RealtimeSession:
         if dialogue is not None and dialogue.hears_turns:
             self._turn = TurnAudio(WIRE_RATE, self.state.turn_detection.prefix_padding_ms, dialogue.cfg.max_turn_s)
         self._tasks: set[asyncio.Task] = set()  # transcriptions and streamed answers in flight
+        self.principal = principal or Principal(ANONYMOUS)
+        self.store, self.drain = store, drain
+        self.log: SessionLog | None = None  # the durable record (realtime.store), when the server keeps one
+        self._draining = False  # close once the response in flight is done
+        self._shutting = False
+        self._end_reason = "client_closed"
+        self._expiry: asyncio.TimerHandle | None = None
+        self._pending_turns = 0  # voice turns waiting for speech recognition
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -126,16 +147,27 @@ class RealtimeSession:
             return
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
+        log.info("session %s opened (key %s)", self.id, self.principal.key_hash)
+        if self.store is not None:
+            self.log = SessionLog(self.store, self.id, self.principal.key_hash)
+        if self.settings.max_session_seconds > 0:
+            self._expiry = loop.call_later(self.settings.max_session_seconds, self._expire)
         self._sender = asyncio.create_task(self._send_loop())
         self._receiver = asyncio.create_task(self._receive_loop())
         try:
             self._send(P.server_event("session.created", session=self._session_object()))
+            if self.drain is not None:
+                self.drain.add(self)  # may close at once: the server began draining
             try:
                 await self._receiver
             except asyncio.CancelledError:
                 if self._closing is None:  # cancelled from outside (server shutdown): propagate
                     raise
         finally:
+            if self.drain is not None:
+                self.drain.discard(self)
+            if self._expiry is not None:
+                self._expiry.cancel()
             self._receiver.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -143,6 +175,9 @@ class RealtimeSession:
                 self.response.stop.set()
             self.engine.close(self.handle)
             self.metrics.sessions_active.dec()
+            if self.log is not None:
+                self.log.end(self._input_samples / WIRE_RATE, self._end_reason)
+            log.info("session %s closed (%s)", self.id, self._end_reason)
             if self._closing is None:
                 self._closing = (CloseCode.NORMAL, "")
             await self._put_sentinel()
@@ -183,7 +218,9 @@ class RealtimeSession:
                 item = await self._out.get()
                 if item is None:
                     break
-                if isinstance(item, bytes):
+                if isinstance(item, asyncio.Future):
+                    await self._barrier(item)
+                elif isinstance(item, bytes):
                     await ws.send_bytes(item)
                 else:
                     await ws.send_json(item)
@@ -197,6 +234,16 @@ class RealtimeSession:
                 except Exception:
                     pass
 
+    async def _barrier(self, fut: asyncio.Future) -> None:
+        """Hold what follows (``response.done``) until the response's record is committed."""
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), STORE_WAIT_S)
+        except TimeoutError:
+            self.metrics.store_errors.labels("late").inc()
+            log.warning("session %s: the record store is slow; response.done sent before its record", self.id)
+        except Exception:
+            pass  # failed or dropped: counted and logged by the store; the client is not held up
+
     async def _put_sentinel(self) -> None:
         while True:
             try:
@@ -205,7 +252,7 @@ class RealtimeSession:
             except asyncio.QueueFull:
                 self._out.get_nowait()  # closing anyway: drop the oldest unsent event
 
-    def _send(self, event: dict | bytes) -> None:
+    def _send(self, event: dict | bytes | asyncio.Future) -> None:
         if self._closing is not None:
             return
         if isinstance(event, dict) and self.beta:
@@ -216,6 +263,7 @@ class RealtimeSession:
             # The client stopped reading: its sender is stuck on the socket. Free everything now; the
             # transport is closed when the app returns. Memory stays bounded by send_queue_max.
             self.metrics.refusals.labels("slow_consumer").inc()
+            self._end_reason = "slow_consumer"
             log.warning("session %s: client is not reading; dropping it", self.id)
             self._closing = (CloseCode.TRY_AGAIN_LATER, "send buffer full: the client is not reading")
             for task in (self._sender, self._receiver):
@@ -236,7 +284,40 @@ class RealtimeSession:
         while self._errors and now - self._errors[0] > 60:
             self._errors.popleft()
         if len(self._errors) > self.settings.max_errors_per_minute:
+            if self._closing is None:
+                self._end_reason = "too_many_errors"
             self._close_soon(CloseCode.POLICY, "too many invalid events")
+
+    # ------------------------------------------------------------------ ended by the server
+    def _shut(self, code: ErrorCode, message: str, close_code: int, close_reason: str) -> None:
+        """End the session from our side: stop the response in flight, say why (an ``error``), close."""
+        if self._shutting or self._closing is not None:
+            return
+        self._shutting = True
+        self._end_reason = code.value
+        self.metrics.sessions_closed.labels(code.value).inc()
+        r = self.response
+        if r is not None:
+            if r.speaking:
+                self.engine.cancel(self.handle, r.id)
+            self._finish_response("cancelled", code.value)
+        self._error(ProtocolError(code, message))
+        self._close_soon(close_code, close_reason)
+
+    def _expire(self) -> None:
+        limit = self.settings.max_session_seconds
+        self._shut(ErrorCode.SESSION_EXPIRED, f"the session reached its limit of {limit:g} s; open a new session",
+                   CloseCode.NORMAL, "session time limit")
+
+    def begin_drain(self) -> None:
+        """The server is shutting down: finish the response in flight (if any), then close with 1001."""
+        self._draining = True
+        if self.response is None:
+            self.force_close()
+
+    def force_close(self) -> None:
+        self._shut(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down; reconnect to go on",
+                   CloseCode.GOING_AWAY, "server shutting down")
 
     # ------------------------------------------------------------------ client → server
     def _handle_text(self, text: str) -> None:
@@ -380,6 +461,9 @@ class RealtimeSession:
                 ev.event_id,
             )
         params = ev.response or P.ResponseParams()
+        if params.instructions and len(params.instructions) > self.settings.max_text_chars:
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"instructions are over {self.settings.max_text_chars} characters",
+                                ev.event_id, "response.instructions")
         instructions = params.instructions or self.state.instructions
         max_frames = params.max_output_tokens if isinstance(params.max_output_tokens, int) else None
         if max_frames is not None and max_frames < 1:
@@ -452,6 +536,8 @@ class RealtimeSession:
             self._cancel_response()
         item["audio_ms"] = ev.audio_end_ms
         item["truncated"] = True
+        if self.log is not None:
+            self.log.item_changed(item)
         self._send(P.server_event(
             "conversation.item.truncated", item_id=ev.item_id, content_index=ev.content_index,
             audio_end_ms=ev.audio_end_ms,
@@ -507,7 +593,15 @@ class RealtimeSession:
         if status != "completed":
             why = {"interrupted": "turn_detected", "cancelled": "client_cancelled", "incomplete": "max_output_tokens"}
             details = {"type": status, "reason": reason or why.get(status, status)}
+        if self.log is not None:  # response.done waits (in the send loop) until this record is on disk
+            self.log.item_changed(item)
+            self._send(asyncio.wrap_future(self.log.response_done(
+                r.id, r.item_id, status, details and details["reason"], r.created_at, item["audio_ms"],
+                self._input_samples / WIRE_RATE,
+            )))
         self._send(P.server_event("response.done", response=self._response_object(status, r, details)))
+        if self._draining:
+            self.force_close()
 
     # ------------------------------------------------------------------ the dialogue (voice turns, streamed answers)
     def _spawn(self, coro) -> None:
@@ -519,6 +613,12 @@ class RealtimeSession:
         """A user turn ended: commit it as a user item now, transcribe (and answer) it in the background."""
         if audio.shape[0] < self.dialogue.cfg.min_turn_s * WIRE_RATE:
             return
+        if self._pending_turns >= self.settings.max_pending_turns:  # bounded queue of the one ASR worker
+            self._error(ProtocolError(
+                ErrorCode.RATE_LIMITED, f"{self.settings.max_pending_turns} voice turns are already waiting for "
+                "speech recognition; this turn was dropped (pause between turns)",
+            ))
+            return
         previous = self._last_item()
         self._send(P.server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
         item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed",
@@ -529,6 +629,7 @@ class RealtimeSession:
         else:
             self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
             self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
+        self._pending_turns += 1  # back down when its transcription ends
         self._spawn(self._transcribe_and_answer(item, audio))
 
     async def _transcribe_and_answer(self, item: dict, audio: Any) -> None:
@@ -543,11 +644,16 @@ class RealtimeSession:
                        "message": f"transcription failed: {type(e).__name__}"},
             ))
             return
+        finally:
+            self._pending_turns -= 1
         item["content"][0]["transcript"] = text
+        if self.log is not None:
+            self.log.item_changed(item)
         self._send(P.server_event("conversation.item.input_audio_transcription.completed", transcript=text, **common))
         td = self.state.turn_detection
         # answer unless told not to, already answering, or the user has started speaking again
-        if text and td is not None and td.create_response and self.response is None and not self._vad.active:
+        if (text and td is not None and td.create_response and self.response is None and not self._vad.active
+                and self._closing is None and not self._draining):
             self._start_streamed_response(self.state.instructions, None)
 
     def _start_streamed_response(self, instructions: str, max_frames: int | None) -> None:
@@ -607,6 +713,8 @@ class RealtimeSession:
     def _add_item(self, item: dict) -> None:
         self.items[item["id"]] = item
         self.order.append(item["id"])
+        if self.log is not None:
+            self.log.item_changed(item)
         if len(self.order) > 1000:  # bounded history
             del self.items[self.order.pop(0)]
 

@@ -122,7 +122,12 @@ class DuplexVoiceModel:
     @torch.inference_mode()
     def start_speaking(self, slot: int, text: str) -> None:
         """Prefill the text to speak into the slot's KV cache; the next step speaks its first frame."""
-        ids = torch.tensor(self.encode_text(text), dtype=torch.long, device=self.device)
+        self.start_speaking_ids(slot, self.encode_text(text))
+
+    @torch.inference_mode()
+    def start_speaking_ids(self, slot: int, token_ids: list[int]) -> None:
+        """``start_speaking`` for text already tokenized (benchmarks; machines without espeak-ng)."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         self.lslm.prefill(ids, self.k_cache[:, slot], self.v_cache[:, slot])
         for name in self.codec.decoder_state_keys(self.codec_state):
             self.codec_state[name][slot].zero_()

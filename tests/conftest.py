@@ -52,10 +52,10 @@ def tiny_model(capacity: int, seed: int = 0) -> DuplexVoiceModel:
     return DuplexVoiceModel(VoiceModelConfig.tiny(), capacity=capacity, seed=seed)
 
 
-def start_server(settings: Settings, model=None, dialogue=None) -> RunningServer:
+def start_server(settings: Settings, model=None, dialogue=None, vision=None) -> RunningServer:
     port = free_port()
     settings.port = port
-    app = create_app(settings, model=model, dialogue=dialogue)
+    app = create_app(settings, model=model, dialogue=dialogue, vision=vision)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
         log_level="warning", lifespan="on",
@@ -75,11 +75,11 @@ def start_server(settings: Settings, model=None, dialogue=None) -> RunningServer
 def make_server() -> Iterator[Callable[..., RunningServer]]:
     started: list[RunningServer] = []
 
-    def factory(model=None, dialogue=None, **settings_kw) -> RunningServer:
+    def factory(model=None, dialogue=None, vision=None, **settings_kw) -> RunningServer:
         settings = Settings(**settings_kw)
         if model is None:
             model = tiny_model(settings.capacity)
-        srv = start_server(settings, model, dialogue)
+        srv = start_server(settings, model, dialogue, vision)
         started.append(srv)
         return srv
 

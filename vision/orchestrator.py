@@ -1,0 +1,218 @@
+"""VaLoRA's orchestrator: per step, run merged, unmerged or mixture, switching when it pays.
+
+* **merged** (adapter k): every running request uses k; k is folded into the weights, no LoRA cost.
+* **unmerged**: base product + one ATMM call for every adapter in the batch.
+* **mixture** (k merged): requests of k run free; the others add ``x(B_iA_i − B_kA_k)`` (two ATMM calls).
+
+Policy (after VaLoRA §4, with costs measured instead of assumed). The LoRA work of a step is priced as
+``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term measured
+on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a GPU one Triton launch covers every adapter, so the call
+dominates and a second call (mixture's subtract term) costs as much as it saves; on a CPU every adapter
+segment is its own pair of matrix products. Per step the cheapest of unmerged, mixture(k) and merged(k)
+is run, k the adapter with most tokens, a new merge charged its measured cost spread over the steps k's
+running requests may still take. Credits decide admission (Scheduler): when the KV-cache slots are full,
+requests of the merged adapter go first, unless a request of another adapter has waited past
+``starvation_ms``; then everyone is admitted in arrival order again and the batch mixes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from vision.lora.atmm import make_batch_info
+from vision.lora_linear import LoRAContext, LoRALinear
+
+
+class Mode(StrEnum):
+    UNMERGED = "unmerged"
+    MERGED = "merged"
+    MIXTURE = "mixture"
+
+
+POLICIES = ("auto", "unmerged", "merged", "mixture")
+
+
+@dataclass
+class OrchestratorConfig:
+    policy: str = "auto"  # "auto", or force one mode ("merged" serves one adapter per step: see Scheduler)
+    starvation_ms: float = 2000.0  # past this wait, a request of another adapter is admitted in order
+    horizon_steps: int = 32  # steps a merge is expected to last when the requests' lengths are unknown
+    ema: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        if self.starvation_ms < 0 or self.horizon_steps < 1:
+            raise ValueError("starvation_ms must be >= 0 and horizon_steps >= 1")
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: Mode
+    slot: int = -1  # merged adapter's slot (merged / mixture)
+
+
+class Orchestrator:
+    """Decides each step's mode, applies it to the wrapped layers, and keeps the cost measurements."""
+
+    def __init__(self, layers: dict[str, LoRALinear], ctx: LoRAContext, cfg: OrchestratorConfig | None = None) -> None:
+        self.layers, self.ctx = layers, ctx
+        self.cfg = cfg or OrchestratorConfig()
+        self.current = Plan(Mode.UNMERGED)
+        first = next(iter(layers.values()))
+        self._first = first
+        self.device = first.lora_a.device
+        if ctx.slot_ranks is None:
+            raise ValueError("the LoRA context has no slot_ranks: wrap the layers with wrap_decoder_layers")
+        self.slot_ranks = ctx.slot_ranks  # each slot's adapter rank, whatever layers it targets
+        # LoRA cost model (ms, all layers), measured by calibrate(); until then relative CPU-like units
+        self.call_ms, self.segment_ms, self.token_ms = 1.0, 1.0, 0.01
+        self.switch_ms = 0.0  # the last real merge of all layers (ms)
+        self.merge_ms, self.merge_ms_per_rank = 0.0, 0.0  # the merge cost model, measured by time_merges()
+        self.calibrated = False
+        self.switches = 0
+        self.mode_steps: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ policy
+    def atmm_cost(self, tokens: int, segments: int) -> float:
+        """Modelled ms of one ATMM call over every layer."""
+        if tokens == 0:
+            return 0.0
+        return self.call_ms + self.segment_ms * (segments - 1) + self.token_ms * tokens
+
+    def plan_cost(self, plan: Plan, token_slots: list[int]) -> float:
+        counts = Counter(s for s in token_slots if s >= 0)
+        if plan.mode == Mode.UNMERGED:
+            return self.atmm_cost(sum(counts.values()), len(counts))
+        n_k = counts.pop(plan.slot, 0)
+        if plan.mode == Mode.MERGED:
+            return 0.0 if n_k == len(token_slots) else math.inf
+        add = self.atmm_cost(sum(counts.values()), len(counts))
+        return add + self.atmm_cost(len(token_slots) - n_k, 1)  # subtract k's delta from every other token
+
+    def decide(self, token_slots: list[int], waiting: list[tuple[int, float]] | None = None,
+               remaining: dict[int, int] | None = None) -> Plan:
+        """The step's plan.
+
+        ``token_slots``: the step's adapter slot per token (-1 = base); ``waiting``: (slot, waited ms) of
+        queued requests (unused by the cost model, kept for policies that look ahead); ``remaining``: per
+        slot, the most steps any of its running requests may still take (how long a merge can pay off).
+        """
+        policy = self.cfg.policy
+        if policy == "unmerged":
+            return Plan(Mode.UNMERGED)
+        counts = Counter(s for s in token_slots if s >= 0)
+        if not counts:
+            return Plan(Mode.UNMERGED)  # base tokens only: no LoRA work either way
+        k, n_k = counts.most_common(1)[0]
+        alone = n_k == len(token_slots)
+        if policy == "merged":
+            return Plan(Mode.MERGED, k)
+        if policy == "mixture":
+            return Plan(Mode.MERGED if alone else Mode.MIXTURE, k)
+        candidates = [Plan(Mode.UNMERGED), Plan(Mode.MERGED if alone else Mode.MIXTURE, k)]
+        cur = self.current
+        if cur.slot >= 0 and cur.slot != k:
+            mine = counts.get(cur.slot, 0)
+            candidates.append(Plan(Mode.MERGED if mine == len(token_slots) else Mode.MIXTURE, cur.slot))
+        steps = max(1, (remaining or {}).get(k, self.cfg.horizon_steps))
+
+        def total(plan: Plan) -> float:
+            cost = self.plan_cost(plan, token_slots)
+            if plan.slot >= 0 and self._stale(plan.slot):
+                cost += self.merge_cost(plan.slot) / steps  # a new merge, spread over the steps it may serve
+            return cost
+
+        return min(candidates, key=total)  # ties go to the first: unmerged
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, plan: Plan, token_slots: torch.Tensor) -> None:
+        """Merge as the plan says (measured) and set the shared context for this step's forward."""
+        if plan.mode != Mode.UNMERGED and self._stale(plan.slot):
+            t0 = time.perf_counter()
+            for layer in self.layers.values():
+                layer.merge(plan.slot)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.switch_ms = (time.perf_counter() - t0) * 1e3
+            self.switches += 1
+        elif plan.mode != self.current.mode:
+            self.switches += 1
+        self.mode_steps[plan.mode.value] += 1
+        self.current = plan
+        ctx = self.ctx
+        if plan.mode == Mode.UNMERGED:
+            ctx.merged_slot = -1
+            ctx.add = make_batch_info(token_slots, self.slot_ranks) if bool((token_slots >= 0).any()) else None
+            ctx.subtract = None
+            return
+        k = plan.slot
+        ctx.merged_slot = k
+        own = torch.where(token_slots == k, -1, token_slots)  # k's tokens are served by the merged weight
+        ctx.add = make_batch_info(own, self.slot_ranks) if bool((own >= 0).any()) else None
+        others = token_slots != k
+        ctx.subtract = make_batch_info(torch.where(others, k, -1), self.slot_ranks) if bool(others.any()) else None
+        if plan.mode == Mode.MERGED and ctx.add is not None:
+            raise RuntimeError("merged mode with tokens of another adapter")
+
+    def _stale(self, slot: int) -> bool:
+        """Whether the layers' merged buffers do not hold ``slot`` (the manager refills every layer of a slot
+        together, so the first layer speaks for all)."""
+        return self._first._merged_slot != slot
+
+    def fit(self, base: dict[str, float], lora: dict[str, float], tokens: int, wide: int, segments: int) -> None:
+        """Set the LoRA cost model from measured forwards (see ``Scheduler.calibrate``): ``lora[x] - base[x]``
+        is the LoRA share of forward x; "narrow" is ``segments`` decode tokens of one adapter, "spread" the
+        same tokens each of its own adapter, "wide" one ``wide``-token prompt of one adapter."""
+        narrow = max(lora["narrow"] - base["narrow"], 0.0)
+        spread = max(lora["spread"] - base["narrow"], 0.0)
+        wide_ms = max(lora["wide"] - base["wide"], 0.0)
+        self.token_ms = max(wide_ms - narrow, 0.0) / max(wide - tokens, 1)
+        self.call_ms = max(narrow - self.token_ms * tokens, 1e-6)
+        self.segment_ms = max(spread - narrow, 0.0) / max(segments - 1, 1)
+
+    @torch.inference_mode()
+    def time_merges(self) -> None:
+        """A merge's cost as ``merge_ms + merge_ms_per_rank × r``: timed at rank 1 and the largest rank."""
+        layers = list(self.layers.values())
+        r_max = layers[0].lora_a.shape[1]
+
+        def once(r: int) -> float:
+            best = math.inf
+            for _ in range(2):
+                self._sync()
+                t0 = time.perf_counter()
+                for layer in layers:
+                    layer.merge(0, rank=r)
+                self._sync()
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+            for layer in layers:
+                layer._merged_slot = -1  # a timing merge is not a real one
+            return best
+
+        low, high = once(1), once(r_max)
+        self.merge_ms_per_rank = max(high - low, 0.0) / max(r_max - 1, 1)
+        self.merge_ms = max(low - self.merge_ms_per_rank, 0.0)
+        self.calibrated = True
+
+    def merge_cost(self, slot: int) -> float:
+        if not self.calibrated:
+            return self.switch_ms
+        return self.merge_ms + self.merge_ms_per_rank * self.ctx.slot_ranks_host[slot]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stats(self) -> dict[str, object]:
+        return {"mode": self.current.mode.value, "merged_slot": self.current.slot, "switches": self.switches,
+                "switch_ms": round(self.switch_ms, 3), "merge_ms": round(self.merge_ms, 3),
+                "merge_ms_per_rank": round(self.merge_ms_per_rank, 4), "call_ms": round(self.call_ms, 4),
+                "segment_ms": round(self.segment_ms, 4), "token_ms": round(self.token_ms, 5),
+                "mode_steps": dict(self.mode_steps)}

@@ -1,0 +1,172 @@
+"""The vision serving stack assembled: model → LoRA layers → adapter manager → orchestrator → scheduler.
+
+The HTTP layer (vision/api.py) sees only :class:`VisionService`: it turns OpenAI chat messages into a
+prompt, submits requests, lists and (un)loads adapters. Models stay plain; LoRA serving is applied as
+a transform (``wrap_decoder_layers``) after loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vision.adapters import AdapterError, AdapterManager
+from vision.images import ImageError, ImageLimits, load_image
+from vision.lora_linear import LoRAContext, wrap_decoder_layers
+from vision.model import DEFAULT_VLM, IMAGE_PLACEHOLDER, Prompt, VisionLanguageModel, load_vlm
+from vision.orchestrator import Orchestrator, OrchestratorConfig
+from vision.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VisionServiceConfig:
+    model: str = DEFAULT_VLM  # "default", a local LLaVA folder, or "none" to serve no vision model
+    device: str = "cpu"
+    adapter_dir: str | None = None  # every sub-folder holding a peft adapter is loaded at start, by folder name
+    lora_slots: int = 8  # adapters resident on the device at once
+    max_lora_rank: int = 64
+    policy: str = "auto"  # orchestrator: auto | unmerged | merged | mixture
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    images: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        if self.lora_slots < 1 or self.max_lora_rank < 1:
+            raise ValueError("lora_slots and max_lora_rank must be at least 1")
+
+
+class RequestError(ValueError):
+    """A user error in a chat request: ``code`` and ``param`` for OpenAI's error shape."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param, self.status = message, code, param, status
+
+
+class VisionService:
+    def __init__(self, model: VisionLanguageModel, cfg: VisionServiceConfig) -> None:
+        self.cfg, self.model = cfg, model
+        self.ctx = LoRAContext()
+        model.decoder.requires_grad_(False)  # serving only; merges write under no_grad
+        self.layers = wrap_decoder_layers(model.decoder.layers, self.ctx, cfg.lora_slots, cfg.max_lora_rank)
+        self.adapters = AdapterManager(self.layers, cfg.lora_slots, cfg.max_lora_rank)
+        self.orchestrator = Orchestrator(self.layers, self.ctx, OrchestratorConfig(policy=cfg.policy))
+        self.scheduler = Scheduler(model, self.adapters, self.orchestrator, cfg.scheduler)
+        self.created = int(time.time())
+
+    @classmethod
+    def load(cls, cfg: VisionServiceConfig) -> VisionService:
+        service = cls(load_vlm(cfg.model, cfg.device), cfg)
+        if cfg.adapter_dir:
+            service.load_adapter_dir(Path(cfg.adapter_dir))
+        return service
+
+    def load_adapter_dir(self, folder: Path) -> list[str]:
+        loaded = []
+        for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+            try:
+                self.adapters.register(sub.name, sub)
+                loaded.append(sub.name)
+            except AdapterError as e:
+                log.warning("adapter %s not loaded: %s", sub.name, e.message)
+        return loaded
+
+    def start(self) -> None:
+        self.scheduler.calibrate()
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # ------------------------------------------------------------------ requests
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a ``model`` field names (``None`` = the base model)."""
+        if name in (self.model.name, "base", "default"):
+            return None
+        if name not in self.adapters:
+            raise RequestError(f"no model or adapter named {name!r}; GET /v1/models lists them", "model_not_found",
+                               "model", 404)
+        return name
+
+    def build_prompt(self, messages: list[dict[str, Any]]) -> Prompt:
+        """OpenAI chat messages (text or content parts with ``image_url``) → a rendered prompt."""
+        if not messages:
+            raise RequestError("messages must not be empty", param="messages")
+        rendered, images = [], []
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ("system", "user", "assistant", "developer"):
+                raise RequestError(f"messages[{i}].role must be system, user or assistant", param=f"messages[{i}].role")
+            rendered.append({"role": "system" if role == "developer" else role,
+                             "content": self._content(m.get("content"), i, images)})
+        if len(images) > self.cfg.images.max_images:
+            raise RequestError(f"{len(images)} images; at most {self.cfg.images.max_images} per request",
+                               "too_many_images", "messages")
+        if images and self.model.encoder is None:
+            raise RequestError("this model does not take images", "images_not_supported", "messages")
+        return self.model.build_prompt(rendered, images)
+
+    def _content(self, content: Any, i: int, images: list) -> str:
+        if isinstance(content, str):
+            return _clean(content)
+        if content is None:
+            return ""
+        if not isinstance(content, list):
+            raise RequestError(f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content")
+        out = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                out.append(_clean(str(part.get("text", ""))))
+            elif kind == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str):
+                    raise RequestError("image_url.url must be a string", param=f"messages[{i}].content[{j}]")
+                if len(images) >= self.cfg.images.max_images:
+                    raise RequestError(f"at most {self.cfg.images.max_images} images per request", "too_many_images",
+                                       f"messages[{i}].content[{j}]")
+                try:
+                    images.append(load_image(url, self.cfg.images))
+                except ImageError as e:
+                    raise RequestError(e.message, e.code, f"messages[{i}].content[{j}]") from None
+                out.append(IMAGE_PLACEHOLDER)
+            else:
+                raise RequestError(f"content part type {kind!r} is not supported (text, image_url)",
+                                   param=f"messages[{i}].content[{j}]")
+        return "\n".join(out)
+
+    def models(self) -> list[dict[str, Any]]:
+        base = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "duplex-server",
+                "root": self.model.name, "parent": None}
+        out = [base]
+        for name in self.adapters.names():
+            a = self.adapters.get(name)
+            out.append({"id": name, "object": "model", "created": self.created, "owned_by": "duplex-server",
+                        "root": a.path, "parent": self.model.name, "rank": a.rank, "target_modules": a.target_modules})
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"model": self.model.describe(), "scheduler": self.scheduler.stats(),
+                "adapters": {"registered": len(self.adapters.names()), "resident": self.adapters.resident(),
+                             "loads": self.adapters.loads, "evictions": self.adapters.evictions},
+                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+
+def _clean(text: str) -> str:
+    """User text never contains our image placeholder characters."""
+    return text.replace("\ue000", "")
+
+
+def build_vision_service(settings: Any, device: str) -> VisionService:
+    """The service the server's settings describe (``realtime.config.Settings``'s vision fields)."""
+    cfg = VisionServiceConfig(
+        model=settings.vision_model, device=device, adapter_dir=settings.adapter_dir or None,
+        lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, policy=settings.lora_policy,
+        scheduler=SchedulerConfig(max_running=settings.vision_max_running),
+    )
+    return VisionService.load(cfg)
