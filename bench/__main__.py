@@ -8,7 +8,8 @@ BENCHMARKS = {
     "duplex": "bench.duplex",
     "voice-step": "bench.voice_step",
     "lora-op": "bench.lora_op",
-    "lora-serve": "bench.lora_serve",
+    "lora-serving": "bench.lora_serve",
+    "lora-serve": "bench.lora_serve",  # short name
 }
 
 

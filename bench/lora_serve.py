@@ -161,7 +161,7 @@ def row(r: PolicyResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench lora-serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench lora-serving", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a short trace on a 2-layer model (under a minute on a CPU)")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--rate", type=float, default=8.0, help="arrivals per second (Poisson)")
+    p.add_argument("--rates", default="4,16", help="arrival rates to replay, requests per second (Poisson)")
     p.add_argument("--zipf", type=float, default=1.5, help="adapter popularity skew")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=16)
@@ -182,33 +182,41 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.layers = args.layers or 2
-        args.requests, args.max_tokens = min(args.requests, 40), min(args.max_tokens, 8)
+        args.requests, args.max_tokens = min(args.requests, 24), min(args.max_tokens, 8)
+        args.rates = args.rates.split(",")[0]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lm, adapters = build(args.shape, args.layers, args.adapters, args.max_rank, device, dtype, args.seed)
-    trace = make_trace(args.requests, args.adapters, args.rate, args.zipf, args.prompt_len, args.seed)
+    rates = [float(r) for r in args.rates.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     depth = args.layers or SHAPES[args.shape][4]
     print(f"lora-serve on {name}: {args.shape} x{depth} layers, {args.adapters} adapters (zipf {args.zipf}), "
-          f"{args.requests} requests at {args.rate:g}/s, {args.max_tokens} tokens each\n{HEADER}", flush=True)
-    # Triton compiles a kernel per tile config on first use (seconds each): replay part of the trace once,
+          f"{args.requests} requests per rate, {args.max_tokens} tokens each", flush=True)
+    # Triton compiles a kernel per tile config on first use (seconds each): replay part of a trace once,
     # untimed, so that no policy pays for compilation inside its latencies
-    warm = trace[: max(8, len(trace) // 4)]
-    run_policy("unmerged", lm, adapters, [(t - warm[0][0], a, ids) for t, a, ids in warm], args, device)
-    results = []
-    for policy in args.policies.split(","):
-        r = run_policy(policy.strip(), lm, adapters, trace, args, device)
-        print(row(r), flush=True)
-        results.append(r)
-    by = {r.policy: r for r in results}
-    baselines = [by[k].mean_ms for k in ("unmerged", "merged") if k in by]
-    reduction = 1.0 - by["auto"].mean_ms / min(baselines) if "auto" in by and baselines else math.nan
-    print(f"\nauto vs best baseline: mean latency {reduction:+.1%} lower (target: 20% lower)")
+    warm = make_trace(max(8, args.requests // 4), args.adapters, rates[0], args.zipf, args.prompt_len, args.seed + 1)
+    run_policy("unmerged", lm, adapters, warm, args, device)
+    out: dict[str, dict] = {}
+    reductions: dict[str, float] = {}
+    for rate in rates:
+        trace = make_trace(args.requests, args.adapters, rate, args.zipf, args.prompt_len, args.seed)
+        print(f"\n{rate:g} requests/s\n{HEADER}", flush=True)
+        results = []
+        for policy in args.policies.split(","):
+            r = run_policy(policy.strip(), lm, adapters, trace, args, device)
+            print(row(r), flush=True)
+            results.append(r)
+        by = {r.policy: r for r in results}
+        baselines = [by[k].mean_ms for k in ("unmerged", "merged") if k in by]
+        reduction = 1.0 - by["auto"].mean_ms / min(baselines) if "auto" in by and baselines else math.nan
+        print(f"auto vs best baseline: mean latency {reduction:+.1%} lower (target: 20% lower)")
+        out[f"{rate:g}"] = {r.policy: asdict(r) for r in results}
+        reductions[f"{rate:g}"] = reduction
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "device": name, "shape": args.shape, "layers": depth, "adapters": args.adapters,
-            "requests": args.requests, "rate": args.rate, "zipf": args.zipf, "max_tokens": args.max_tokens,
-            "policies": {r.policy: asdict(r) for r in results}, "latency_reduction": reduction,
+            "requests": args.requests, "zipf": args.zipf, "max_tokens": args.max_tokens,
+            "rates": out, "latency_reduction": reductions,
         }, indent=2))
     return 0

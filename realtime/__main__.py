@@ -26,7 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
         "max_session_seconds": args.max_session_seconds, "drain_seconds": args.drain_seconds, "db": args.db,
         "data_dir": args.data_dir, "vision_model": args.vision_model, "adapter_dir": args.adapter_dir,
         "lora_slots": args.lora_slots, "max_lora_rank": args.max_lora_rank, "lora_policy": args.lora_policy,
+        "demo": args.demo,
     }
+    if args.demo is None and "RT_DEMO" not in os.environ:
+        overrides["demo"] = True  # serve mounts the Gradio demos at /demo unless RT_DEMO=0 or --no-demo
     settings = Settings.load(overrides)
     settings.db = settings.resolved_db()  # serve keeps records by default (--db none: off)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
     s.add_argument("--lora-policy", choices=["auto", "unmerged", "merged", "mixture"],
                    help="merged/unmerged/mixture switching (default auto: VaLoRA's orchestrator)")
+    s.add_argument("--demo", action=argparse.BooleanOptionalAction, help="the Gradio demos at /demo "
+                   "(default on; --no-demo or RT_DEMO=0: off)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 

@@ -113,8 +113,14 @@ def create_app(
     app.state.vision = vision
     if vision is not None:
         from vision.api import build_router
+        from vision.metrics import VisionCollector
 
         app.include_router(build_router(vision, auth=require_key))
+        metrics.registry.register(VisionCollector(vision))
+    if settings.demo:  # the Gradio demos (web/demo.py): a client that calls this server back over loopback
+        from web.demo import mount_demo
+
+        mount_demo(app, settings.host, settings.port)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

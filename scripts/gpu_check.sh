@@ -14,5 +14,5 @@ echo "== bench lora-op"
 timeout 200 python3 -m bench lora-op --device cuda --json "$OUT/lora_op.json" --plot "$OUT/lora_op.png" 2>&1 | tail -25
 echo "== bench voice-step"
 timeout 150 python3 -m bench voice-step --device cuda --json "$OUT/voice_step.json" 2>&1 | tail -14
-echo "== bench lora-serve"
-timeout 240 python3 -m bench lora-serve --device cuda --requests 256 --rate 64 --max-tokens 32 --json "$OUT/lora_serve.json" 2>&1 | grep -v Warn | tail -8
+echo "== bench lora-serving"
+timeout 240 python3 -m bench lora-serving --device cuda --requests 160 --rates 4,16 --max-tokens 32 --max-running 64 --json "$OUT/lora_serving.json" 2>&1 | grep -v Warn | tail -8

@@ -187,3 +187,16 @@ def test_served_by_the_one_app_behind_its_api_keys(make_server, tmp_path):
     assert answer.choices[0].finish_reason in ("stop", "length")
     with urllib.request.urlopen(f"{srv.http_url}/readyz") as r:  # the voice side runs beside it
         assert json.load(r)["ready"] is True
+
+
+def test_vision_metrics_are_exported(make_server, tmp_path):
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok))
+    service = make_service((tok, base, save_adapters(base, tmp_path), None), slots=2)
+    srv = make_server(vision=service)
+    client = openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="x", max_retries=0, timeout=60)
+    ask(client, "ad-a")
+    with urllib.request.urlopen(f"{srv.http_url}/metrics") as r:
+        text = r.read().decode()
+    assert "vision_tokens_generated_total" in text and "vision_adapter_loads_total 1.0" in text
+    assert 'vision_requests_finished_total{reason="' in text

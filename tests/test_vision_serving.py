@@ -255,3 +255,39 @@ def test_modes_match_peft_on_cuda_with_the_triton_operator(world, policy):
                                PackedStep.build(segs, torch.device("cuda")), model.decoder.new_cache(8, 64))
     for row, name in enumerate(names):
         torch.testing.assert_close(logits[row].cpu(), ref_last_logits(ref, name, PROMPTS[name]), atol=2e-3, rtol=1e-3)
+
+
+def test_credits_admit_the_merged_adapter_first_until_another_starves(world):
+    import time as _time
+
+    service = make_service(world, max_running=1)
+    sched, orch = service.scheduler, service.orchestrator
+    slot_a = service.adapters.acquire("ad-a")
+    service.adapters.acquire("ad-b")
+    prompt = service.model.build_prompt([{"role": "user", "content": "x"}], [])
+    now = _time.monotonic()
+    old_b = GenRequest("b", "ad-b", prompt, SamplingParams(), lambda ev: None, arrived=now - 0.5)
+    new_a = GenRequest("a", "ad-a", prompt, SamplingParams(), lambda ev: None, arrived=now)
+    sched._waiting.extend([old_b, new_a])
+    assert [r.id for r in sched._admission_order()] == ["b", "a"]  # nothing merged: arrival order
+    orch.current = Plan(Mode.MERGED, slot_a)
+    assert [r.id for r in sched._admission_order()] == ["a", "b"]  # the merged adapter's request first
+    orch.cfg.starvation_ms = 100.0  # b has waited 500 ms: it is starving and goes first again
+    assert [r.id for r in sched._admission_order()] == ["b", "a"]
+    sched._admit()
+    assert [r.id for r in sched._running] == ["b"] and [r.id for r in sched._waiting] == ["a"]
+
+
+def test_adapter_dir_loads_good_adapters_and_skips_bad_ones(world, tmp_path):
+    import shutil
+
+    _, _, paths, _ = world
+    service = make_service(world)
+    for name in list(service.adapters.names()):
+        service.adapters.unregister(name)
+    assert service.load_adapter_dir(tmp_path / "missing") == []
+    shutil.copytree(paths["ad-a"], tmp_path / "good")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    assert service.load_adapter_dir(tmp_path) == ["good"]
+    assert service.adapters.names() == ["good"]

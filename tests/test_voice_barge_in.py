@@ -40,6 +40,10 @@ async def speak_and_listen(srv, word_audio: np.ndarray | None) -> tuple[Conn, di
     rng = np.random.default_rng(1)
 
     async def mic() -> None:
+        # paced on an absolute clock a few frames ahead, like a client with a small send buffer: a loaded
+        # machine that wakes this task late catches up instead of starving the engine (zero-filled frames)
+        loop = asyncio.get_running_loop()
+        t0, lead = loop.time(), 4
         sent = 0
         audio = word_audio
         while True:
@@ -50,7 +54,9 @@ async def speak_and_listen(srv, word_audio: np.ndarray | None) -> tuple[Conn, di
                 audio = audio[FRAME_WIRE:] if audio.shape[0] > FRAME_WIRE else None
             await conn.send(append(frame))
             sent += 1
-            await asyncio.sleep(FRAME_WIRE / 24000)
+            delay = t0 + (sent - lead) * FRAME_WIRE / 24000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
     await conn.send(user_text(ANSWER))
     await conn.send({"type": "response.create"})

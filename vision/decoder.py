@@ -23,11 +23,17 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 @dataclass(frozen=True)
 class Segment:
-    """``length`` consecutive tokens of one request (its cache ``slot``) starting at position ``start``."""
+    """``length`` consecutive tokens of one request (its cache ``slot``) written at cache index ``start``.
+
+    ``pos_offset``: rotary position minus cache index. Zero normally; positive after tokens were pruned
+    from the cache at prefill (3D token gating keeps the survivors' original positions, so later tokens
+    continue from the unpruned length).
+    """
 
     slot: int
     start: int
     length: int
+    pos_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,11 +41,11 @@ class PackedStep:
     """What one forward computes, built once per step (host-side lists become a few small tensors)."""
 
     segments: tuple[Segment, ...]
-    positions: Tensor  # (T,) int64 absolute position of each packed token
+    positions: Tensor  # (T,) int64 rotary position of each packed token
     prefill: tuple[int, ...]  # indices into segments with length > 1 (or a first token)
     decode: tuple[int, ...]  # indices of single-token continuations
     decode_slots: Tensor  # (B_dec,) int64
-    decode_positions: Tensor  # (B_dec,) int64
+    decode_positions: Tensor  # (B_dec,) int64 cache index of each decode token
     logits_rows: Tensor  # (n_segments,) the packed row of each segment's last token
     offsets: tuple[int, ...]  # packed row of each segment's first token
     decode_rows: Tensor  # (B_dec,) packed rows of the decode tokens
@@ -51,7 +57,7 @@ class PackedStep:
         for i, s in enumerate(segments):
             if s.length < 1:
                 raise ValueError("a segment must hold at least one token")
-            pos.extend(range(s.start, s.start + s.length))
+            pos.extend(range(s.start + s.pos_offset, s.start + s.pos_offset + s.length))
             offsets.append(offset)
             offset += s.length
             rows.append(offset - 1)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VLM = "default"
 WEIGHTS = Path(__file__).parent / "weights"
 PROJECTOR_FILE = WEIGHTS / "projector.safetensors"
+MMA_FILE = WEIGHTS / "mma.safetensors"  # issue 5: LaVIN's MM-Adapters + router (vision/mma.py), when trained
 IMAGE_PLACEHOLDER = "\ue000image\ue000"  # private-use characters: user text is stripped of them
 
 
@@ -136,6 +137,7 @@ class VisionLanguageModel:
         self.name, self.decoder, self.tokenizer, self.encoder = name, decoder, tokenizer, encoder
         self.stop_ids = frozenset(stop_ids)
         self.note = note
+        self.mma: Any = None  # issue 5: vision.mma.MixtureOfModalityAdapters when MM-Adapters are loaded
         self.device = decoder.embed_tokens.weight.device
         self.dtype = decoder.embed_tokens.weight.dtype
 
@@ -197,8 +199,15 @@ def load_vlm(name_or_path: str | Path = DEFAULT_VLM, device: str = "cpu", dtype:
             note = f"projector {PROJECTOR_FILE.name}"
         encoder.to(device=device, dtype=dtype).eval()
         encoder.backbone.float()  # the frozen CNN keeps float32 (BatchNorm); its output is cast
-        return VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
-                                   _stop_ids(tokenizer, hf_lm.generation_config), note)
+        vlm = VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
+                                  _stop_ids(tokenizer, hf_lm.generation_config), note)
+        if MMA_FILE.is_file():  # issue 5: MM-Adapters as a transform on the built model (vision/mma.py)
+            from vision.mma import attach_to_decoder, load_mma
+
+            vlm.mma = load_mma(MMA_FILE, vlm.decoder.layers, device, dtype)
+            attach_to_decoder(vlm.mma, vlm.decoder)
+            vlm.note += f"; MM-Adapters {MMA_FILE.name} (routing needs the scheduler to assign each request's modality)"
+        return vlm
     return _load_hf_llava(name_or_path, device, dtype)
 
 

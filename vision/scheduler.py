@@ -102,6 +102,7 @@ class Scheduler:
         self.steps = self.tokens_generated = self.failures = 0
         self.last_batch = 0
         self.mode_last = "unmerged"
+        self.finished: dict[str, int] = {}  # requests ended, by finish reason / error code / "cancelled"
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -384,6 +385,8 @@ class Scheduler:
                 self.adapters.release(r.adapter)
         r.cache_slot = r.adapter_slot = -1
         r.embeds = None
+        reason = "cancelled" if event is None else (event.finish_reason or event.code or event.kind)
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         if event is not None:
             self._emit(r, event)
 

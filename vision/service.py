@@ -66,6 +66,10 @@ class VisionService:
         return service
 
     def load_adapter_dir(self, folder: Path) -> list[str]:
+        """Register every peft adapter under ``folder`` by sub-folder name; bad ones are logged and skipped."""
+        if not folder.is_dir():
+            log.warning("adapter folder %s does not exist: no adapters loaded at start", folder)
+            return []
         loaded = []
         for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
             try:
