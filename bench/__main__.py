@@ -10,6 +10,7 @@ BENCHMARKS = {
     "lora-op": "bench.lora_op",
     "lora-serving": "bench.lora_serve",
     "lora-serve": "bench.lora_serve",  # short name
+    "gate3d": "bench.gate3d",
 }
 
 

@@ -69,7 +69,9 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port), "--capacity", str(capacity),
-               "--engine-mode", mode, "--device", device, "--log-level", "warning"]
+               "--engine-mode", mode, "--device", device, "--log-level", "warning",
+               # the voice alone: no vision or 3D models, no demos (they would only slow the start)
+               "--vision-model", "none", "--point-model", "none", "--no-demo", "--db", "none"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120

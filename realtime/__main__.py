@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_session_seconds": args.max_session_seconds, "drain_seconds": args.drain_seconds, "db": args.db,
         "data_dir": args.data_dir, "vision_model": args.vision_model, "adapter_dir": args.adapter_dir,
         "lora_slots": args.lora_slots, "max_lora_rank": args.max_lora_rank, "lora_policy": args.lora_policy,
+        "point_model": args.point_model,
         "demo": args.demo,
     }
     if args.demo is None and "RT_DEMO" not in os.environ:
@@ -42,7 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         print(f"loading the vision model {settings.vision_model} (adapters: {settings.adapter_dir or 'none'}) ...",
               flush=True)
-        vision = build_vision_service(settings, settings.resolved_device())
+        vision = [build_vision_service(settings, settings.resolved_device())]
+    if settings.point_model.lower() != "none":
+        from vision.service import build_point_service
+
+        print(f"loading the 3D model {settings.point_model} ...", flush=True)
+        vision = (vision or []) + [build_point_service(settings, settings.resolved_device())]
     app = create_app(settings, dialogue=dialogue, vision=vision)
     print(f"serving on http://{settings.host}:{settings.port}  (websocket: ws://{settings.host}:{settings.port}/v1/realtime)"
           f"; records: {settings.db or 'off'}", flush=True)
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    "or none")
     s.add_argument("--vision-model", help="the vision-language model: default (EfficientNet-Lite0 + SmolLM2, offline), "
                    "a local Hugging Face LLaVA folder, or none (no /v1/chat/completions)")
+    s.add_argument("--point-model", help="the 3D point-cloud model: default (vision/weights3d, offline), a folder of "
+                   "the same files, or none")
     s.add_argument("--adapter-dir", help="LoRA adapters in peft's format, one sub-folder each, served by folder name")
     s.add_argument("--lora-slots", type=int, help="adapters resident on the device at once (default 8)")
     s.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")

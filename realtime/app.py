@@ -65,10 +65,12 @@ def create_app(
     hears voice turns and writes answers (``realtime.dialogue.build_dialogue``; the CLI builds it from
     ``settings.chat_model`` / ``asr_model``); without one, sessions speak what ``responder`` (echo by
     default) says and voice turns are only reported, which keeps tests and embedders fast. ``vision``: a
-    ``vision.service.VisionService`` served at ``/v1/chat/completions`` and ``/v1/models`` (OpenAI-compatible),
+    ``vision.service.VisionService`` (or a list: the vision model first, then e.g. the 3D model) served at
+    ``/v1/chat/completions`` and ``/v1/models`` (OpenAI-compatible),
     behind the same keys and per-key limits.
     """
     settings = settings or Settings()
+    vision_services = [] if vision is None else (list(vision) if isinstance(vision, (list, tuple)) else [vision])
     metrics = Metrics()
     model = model if model is not None else build_voice_model(settings)
     engine = Engine(
@@ -86,8 +88,8 @@ def create_app(
         if store is not None:
             store.start()
         engine.start()
-        if vision is not None:
-            vision.start()
+        for svc in vision_services:
+            svc.start()
         log.info("engine started: %d slots, %s, device %s, voice weights: %s",
                  settings.capacity, settings.engine_mode, model.device, model.weights_note)
         if dialogue is not None:
@@ -99,8 +101,8 @@ def create_app(
             yield
         finally:
             engine.stop()
-            if vision is not None:
-                vision.stop()
+            for svc in vision_services:
+                svc.stop()
             if dialogue is not None:
                 dialogue.close()
             if store is not None:
@@ -111,12 +113,12 @@ def create_app(
     app.state.dialogue, app.state.auth, app.state.drain, app.state.store = dialogue, auth, drain, store
     app.add_exception_handler(AuthError, auth_error_handler)
     app.state.vision = vision
-    if vision is not None:
+    if vision_services:
         from vision.api import build_router
         from vision.metrics import VisionCollector
 
-        app.include_router(build_router(vision, auth=require_key))
-        metrics.registry.register(VisionCollector(vision))
+        app.include_router(build_router(vision_services, auth=require_key))
+        metrics.registry.register(VisionCollector(vision_services[0]))
     if settings.demo:  # the Gradio demos (web/demo.py): a client that calls this server back over loopback
         from web.demo import mount_demo
 

@@ -43,6 +43,7 @@ class Settings:
     max_lora_rank: int = 64
     lora_policy: str = "auto"  # auto | unmerged | merged | mixture (the orchestrator's mode)
     vision_max_running: int = 16  # chat requests decoding at once; more wait in the queue
+    point_model: str = "default"  # the 3D model: default (vision/weights3d) | a folder of the same files | none
     demo: bool = False  # the Gradio demos at /demo (web/demo.py); `serve` turns them on unless RT_DEMO=0 / --no-demo
     log_level: str = "info"
 

@@ -29,7 +29,7 @@ from deploy.ray.app import RealtimeServer, SessionSlotsPolicy  # noqa: E402
 from realtime.client import RealtimeClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"capacity": 4, "device": "cpu", "chat_model": "echo", "asr_model": "none", "vision_model": "none"}
+SETTINGS = {"capacity": 4, "device": "cpu", "chat_model": "echo", "asr_model": "none", "vision_model": "none", "point_model": "none"}
 
 
 def free_port() -> int:

@@ -50,7 +50,8 @@ class ServerProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.out_path = workdir / f"server-{self.port}.log"
         cmd = [sys.executable, "-c", LAUNCHER, "serve", "--port", str(self.port), "--chat-model", "echo",
-               "--asr-model", "none", "--log-level", "info", *args]
+               "--asr-model", "none", "--vision-model", "none", "--point-model", "none", "--no-demo",
+               "--log-level", "info", *args]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_DATA_HOME": str(workdir / "xdg"), **(env or {})}
         self._out = open(self.out_path, "wb")  # a file, not a pipe: a chatty server never blocks on it
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._out, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -39,6 +39,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream_options: dict[str, Any] | None = None
+    spatial_gate: str | None = None  # 3D models: "adatoken" (the default), "fastv" or "none"
 
 
 class LoadAdapter(BaseModel):
@@ -56,18 +57,43 @@ def error(status: int, message: str, code: str, param: str | None = None, kind: 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
-def build_router(service: VisionService, auth: Callable[..., Any] | None = None,
+def build_router(services: VisionService | Sequence[VisionService], auth: Callable[..., Any] | None = None,
                  default_max_tokens: int = 256) -> APIRouter:
+    """The routes over one or more served models (e.g. the vision model and the 3D model); the first one is the
+    one ``"default"`` names, and adapters load into it."""
+    all_services = [services] if isinstance(services, VisionService) else list(services)
+    if not all_services:
+        raise ValueError("build_router needs at least one service")
+    service = all_services[0]
     deps = [Depends(auth)] if auth is not None else []
     router = APIRouter(dependencies=deps)
 
+    def every_model() -> list[dict[str, Any]]:
+        return [m for svc in all_services for m in svc.models()]
+
+    def route(name: str, messages: list[dict[str, Any]]) -> tuple[VisionService, str | None]:
+        """The service and adapter a request goes to: by model name; point clouds naming "default" go to the
+        model that takes them."""
+        clouds = any(isinstance(p, dict) and p.get("type") == "point_cloud_url"
+                     for m in messages if isinstance(m.get("content"), list) for p in m["content"])
+        if clouds and name in ("default", "base"):
+            svc = next((x for x in all_services if x.takes_clouds), service)
+            return svc, None  # (the first model refuses clouds with a clear code when none takes them)
+        for svc in all_services:
+            if name == svc.model.name or name in svc.adapters:
+                return svc, svc.resolve_model(name)
+        if name in ("default", "base"):
+            return service, None
+        raise RequestError(f"no model or adapter named {name!r}; GET /v1/models lists them", "model_not_found",
+                           "model", 404)
+
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": service.models()}
+        return {"object": "list", "data": every_model()}
 
     @router.get("/v1/models/{name:path}")
     async def get_model(name: str) -> Any:
-        for m in service.models():
+        for m in every_model():
             if m["id"] == name:
                 return m
         return error(404, f"no model or adapter named {name!r}", "model_not_found", "model")
@@ -115,21 +141,26 @@ def build_router(service: VisionService, auth: Callable[..., Any] | None = None,
         except ValueError as e:
             return error(400, str(e), "invalid_json")
         try:
-            adapter = service.resolve_model(body.model)
-            prompt = await asyncio.to_thread(service.build_prompt, body.messages)
+            svc, adapter = route(body.model, body.messages)
+            prompt = await asyncio.to_thread(svc.build_prompt, body.messages)
         except RequestError as e:
             return error(e.status, e.message, e.code, e.param)
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         asked = body.max_completion_tokens or body.max_tokens
-        room = service.scheduler.cfg.max_len - prompt.length  # unasked, an answer may fill the context (as vLLM)
+        room = svc.scheduler.cfg.max_len - prompt.length  # unasked, an answer may fill the context (as vLLM)
         params = SamplingParams(max_tokens=asked or max(1, min(default_max_tokens, room)),
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         req = GenRequest(rid, adapter, prompt, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        if svc.takes_clouds:
+            try:
+                req.gate = svc.gate_for(body.spatial_gate)
+            except RequestError as e:
+                return error(e.status, e.message, e.code, e.param)
         try:
-            service.scheduler.submit(req)
+            svc.scheduler.submit(req)
         except ValueError as e:
             return error(400, str(e), "context_length_exceeded", "messages")
         except QueueFull as e:
@@ -159,7 +190,7 @@ def build_router(service: VisionService, auth: Callable[..., Any] | None = None,
 
     @router.get("/v1/vision/stats")
     async def vision_stats() -> dict[str, Any]:
-        return service.stats()
+        return {svc.model.name: svc.stats() for svc in all_services}
 
     return router
 

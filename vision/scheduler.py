@@ -76,6 +76,10 @@ class GenRequest:
     adapter_slot: int = -1
     embeds: torch.Tensor | None = None
     prefilled: int = 0
+    cache_len: int = 0  # rows of this request in the KV cache (fewer than positions after gated pruning)
+    pos_offset: int = 0  # rotary position minus cache index (tokens pruned at prefill)
+    gate: Any = None  # a vision.gate3d.GatePolicy: prefill prunes the prompt's spatial tokens
+    gate_stats: dict[str, int] = field(default_factory=dict)  # spatial tokens kept / total, for the usage
     out_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
     generator: torch.Generator | None = None
@@ -288,6 +292,9 @@ class Scheduler:
                     self._finish(r, Event("error", text=f"cannot encode the prompt: {e}", code="invalid_request"))
                     continue
             total = r.prompt.length
+            if r.prefilled == 0 and r.gate is not None:
+                self._gated_prefill(r)  # alone, before the packed step: it prunes as it goes
+                continue
             if r.prefilled < total:
                 if budget <= 0:
                     continue
@@ -296,9 +303,10 @@ class Scheduler:
                 segments.append(Segment(r.cache_slot, r.prefilled, n))
                 chunks.append(r.embeds[r.prefilled:r.prefilled + n])
                 r.prefilled += n
+                r.cache_len += n
             else:
-                pos = total + len(r.out_ids) - 1
-                segments.append(Segment(r.cache_slot, pos, 1))
+                segments.append(Segment(r.cache_slot, r.cache_len, 1, r.pos_offset))
+                r.cache_len += 1
                 chunks.append(None)  # filled below, batched
             token_slots.extend([r.adapter_slot] * segments[-1].length)
             owners.append(r)
@@ -332,6 +340,23 @@ class Scheduler:
             r.out_ids.append(int(tok))
             self.tokens_generated += 1
             self._advance(r)
+
+    def _gated_prefill(self, r: GenRequest) -> None:
+        """AdaToken-3D: the whole prompt at once, spatial tokens pruned by the gate; then decode as usual."""
+        from vision.gate3d import gated_prefill
+
+        if self.orchestrator is not None:  # a gated request has no adapter: plain weights, no LoRA term
+            self.orchestrator.apply(Plan(Mode.UNMERGED), torch.full((1,), -1, dtype=torch.long,
+                                                                    device=self.model.device))
+        spans = r.prompt.spatial_spans()
+        out = gated_prefill(self.model.decoder, self.cache, r.cache_slot, r.embeds, spans, r.gate)
+        r.prefilled, r.cache_len, r.pos_offset = r.prompt.length, out.kept, out.pos_offset
+        total_spatial = sum(e - s for s, e in spans)
+        r.gate_stats = {"spatial_tokens_total": total_spatial,
+                        "spatial_tokens_kept": total_spatial - (r.prompt.length - out.kept)}
+        r.out_ids.append(int(self._sample(out.logits[None], [r])[0]))
+        self.tokens_generated += 1
+        self._advance(r)
 
     def _resident_waiting(self, waiting: list[tuple[str | None, float]]) -> list[tuple[int, float]]:
         if self.adapters is None:
@@ -374,7 +399,7 @@ class Scheduler:
             self._emit(r, Event("delta", text=new))
         if finish:
             usage = {"prompt_tokens": r.prompt.length, "completion_tokens": len(r.out_ids),
-                     "total_tokens": r.prompt.length + len(r.out_ids)}
+                     "total_tokens": r.prompt.length + len(r.out_ids), **r.gate_stats}
             self._finish(r, Event("done", finish_reason=finish, usage=usage))
 
     def _finish(self, r: GenRequest, event: Event | None) -> None:

@@ -7,6 +7,8 @@ a transform (``wrap_decoder_layers``) after loading.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ class VisionServiceConfig:
     policy: str = "auto"  # orchestrator: auto | unmerged | merged | mixture
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     images: ImageLimits = field(default_factory=ImageLimits)
+    gate: Any = None  # 3D models: the default vision.gate3d.GatePolicy (requests may override it)
 
     def __post_init__(self) -> None:
         if self.lora_slots < 1 or self.max_lora_rank < 1:
@@ -110,7 +113,7 @@ class VisionService:
         if len(images) > self.cfg.images.max_images:
             raise RequestError(f"{len(images)} images; at most {self.cfg.images.max_images} per request",
                                "too_many_images", "messages")
-        if images and self.model.encoder is None:
+        if images and not self.takes_clouds and getattr(self.model, "encoder", None) is None:
             raise RequestError("this model does not take images", "images_not_supported", "messages")
         return self.model.build_prompt(rendered, images)
 
@@ -126,7 +129,23 @@ class VisionService:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 out.append(_clean(str(part.get("text", ""))))
+            elif kind == "point_cloud_url":
+                if not self.takes_clouds:
+                    raise RequestError(f"{self.model.name} does not take point clouds (point_cloud_url parts): name a 3D "
+                                       "model; GET /v1/models lists them", "point_clouds_not_supported",
+                                       f"messages[{i}].content[{j}]")
+                spec = part.get("point_cloud_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                fmt = spec.get("format") if isinstance(spec, dict) else None
+                if len(images) >= self.cfg.images.max_images:
+                    raise RequestError(f"at most {self.cfg.images.max_images} point clouds per request",
+                                       "too_many_point_clouds", f"messages[{i}].content[{j}]")
+                images.append(self._cloud(url, fmt, f"messages[{i}].content[{j}]"))
+                out.append(self._cloud_placeholder)
             elif kind == "image_url":
+                if self.takes_clouds:
+                    raise RequestError(f"{self.model.name} takes point clouds, not images", "images_not_supported",
+                                       f"messages[{i}].content[{j}]")
                 spec = part.get("image_url")
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
@@ -142,7 +161,55 @@ class VisionService:
             else:
                 raise RequestError(f"content part type {kind!r} is not supported (text, image_url)",
                                    param=f"messages[{i}].content[{j}]")
+        if self.takes_clouds:  # the 3D model was trained on "<cloud>\n<question>": clouds first, in order
+            clouds = [p for p in out if p == self._cloud_placeholder]
+            out = clouds + [p for p in out if p != self._cloud_placeholder]
         return "\n".join(out)
+
+    @property
+    def takes_clouds(self) -> bool:
+        return hasattr(self.model, "prepare_cloud")
+
+    @property
+    def _cloud_placeholder(self) -> str:
+        from vision.model3d import POINTS_PLACEHOLDER
+
+        return POINTS_PLACEHOLDER
+
+    def _cloud(self, url: Any, fmt: str | None, param: str):
+        from vision.points import PointCloudError, PointLimits, read_points_bytes
+
+        if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+            raise RequestError("point_cloud_url.url must be a data URL (data:<type>;base64,<PLY, PCD or .npy bytes>)",
+                               "invalid_point_cloud_url", param)
+        header, _, payload = url.partition(",")
+        limits = PointLimits()
+        if len(payload) > limits.max_bytes * 4 // 3 + 4:
+            raise RequestError(f"point cloud is over {limits.max_bytes // (1024 * 1024)} MB", "point_cloud_too_large", param)
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("point cloud data is not valid base64", "invalid_point_cloud", param) from None
+        fmt = fmt or _cloud_format(header, raw)
+        if fmt is None:
+            raise RequestError("unknown point-cloud format: send PLY, PCD or .npy (or give point_cloud_url.format)",
+                               "invalid_point_cloud", param)
+        try:
+            return read_points_bytes(raw, fmt, limits)
+        except PointCloudError as e:
+            raise RequestError(e.message, e.code, param) from None
+
+    def gate_for(self, name: str | None) -> Any:
+        """A 3D request's token gate: the service's default, or ``adatoken`` / ``fastv`` / ``none`` asked for."""
+        from vision.gate3d import GatePolicy
+
+        if name is None or name == "adatoken":
+            return self.cfg.gate
+        if name == "fastv":  # FastV's K=2, R=50%; on a shallower model, the last layer
+            return GatePolicy.fastv(k=min(2, len(self.model.decoder.layers) - 1))
+        if name == "none":
+            return None
+        raise RequestError("spatial_gate must be adatoken, fastv or none", param="spatial_gate")
 
     def models(self) -> list[dict[str, Any]]:
         base = {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "duplex-server",
@@ -161,9 +228,45 @@ class VisionService:
                 "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch.")}
 
 
+def build_point_service(settings: Any, device: str) -> VisionService:
+    """The 3D model the settings name (``point_model``: ``default`` = the committed ``vision/weights3d``, or a
+    folder of the same files), with its fitted token gate (``policy_*.json`` there, from ``vision.gate3d analyze``) on by default."""
+    from vision.gate3d import GatePolicy
+    from vision.model3d import WEIGHTS3D, load_point_lm
+
+    folder = WEIGHTS3D if settings.point_model == "default" else Path(settings.point_model)
+    if settings.point_model != "default" and not folder.is_dir():
+        raise FileNotFoundError(f"3D model folder not found: {folder}")
+    model = load_point_lm(folder, device)
+    found = sorted(folder.glob("policy_*.json")) if folder.is_dir() else []  # fitted by vision.gate3d analyze
+    policy = found[0] if found else folder / "policy.json"
+    gate = GatePolicy.load(policy) if policy.is_file() else None
+    if gate is None:
+        log.warning("no fitted gate policy at %s: 3D prompts are prefilled ungated", policy)
+    cfg = VisionServiceConfig(model=str(folder), device=device, lora_slots=1, max_lora_rank=8, gate=gate,
+                              scheduler=SchedulerConfig(max_running=settings.vision_max_running))
+    return VisionService(model, cfg)
+
+
 def _clean(text: str) -> str:
     """User text never contains our image placeholder characters."""
     return text.replace("\ue000", "")
+
+
+def _cloud_format(header: str, raw: bytes) -> str | None:
+    """PLY / PCD / npy from the data URL's type, else from the file's first bytes."""
+    mime = header[5:].split(";")[0].lower()
+    for fmt in ("ply", "pcd", "npy"):
+        if mime.endswith(fmt):
+            return fmt
+    head = raw[:64]
+    if head.startswith(b"ply"):
+        return "ply"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.lstrip().startswith((b"# .PCD", b"VERSION", b"FIELDS")):
+        return "pcd"
+    return None
 
 
 def build_vision_service(settings: Any, device: str) -> VisionService:

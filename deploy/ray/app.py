@@ -126,11 +126,15 @@ class RealtimeServer:
             from speech.duplex import DuplexVoiceModel
 
             model = DuplexVoiceModel(VoiceModelConfig.tiny(), capacity=self.settings.capacity, device=device)
-        vision = None
+        vision = []
         if self.settings.vision_model.lower() != "none":  # adapters by name from RT_ADAPTER_DIR (shared storage)
             from vision.service import build_vision_service
 
-            vision = build_vision_service(self.settings, device)
+            vision.append(build_vision_service(self.settings, device))
+        if self.settings.point_model.lower() != "none":
+            from vision.service import build_point_service
+
+            vision.append(build_point_service(self.settings, device))
         app = create_app(self.settings, model=model, dialogue=build_dialogue(self.settings, device), vision=vision)
         app.add_middleware(ReplicaHeaders, replica=serve.get_replica_context().replica_id.unique_id)
         self.engine = app.state.engine

@@ -1,0 +1,125 @@
+"""The 3D LMM with a tiny Llama and tokenizer built here: prompt splicing, spans, gated generation, weights files,
+LoRA merging equal to peft's, and the training batch's answer-row alignment."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.vision_fixtures import tiny_llama, tiny_tokenizer
+from vision.decoder import PackedDecoder
+from vision.encoder3d import Encoder3DConfig, SpatialTokenizer
+from vision.gate3d import GatePolicy, generate
+from vision.model3d import (
+    POINTS_PLACEHOLDER,
+    PointLanguageModel,
+    load_spatial,
+    merge_lora,
+    question_messages,
+    save_lora,
+    save_spatial,
+)
+from vision.points import Cloud
+
+ECFG = Encoder3DConfig(n_points=128, n_patches=12, patch_size=16, dim=32, layers=1, heads=2, lm_dim=64)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tok = tiny_tokenizer()
+    lm = tiny_llama(len(tok))
+    torch.manual_seed(0)
+    return tok, lm, SpatialTokenizer(ECFG).eval()
+
+
+@pytest.fixture(scope="module")
+def model(parts):
+    tok, lm, spatial = parts
+    return PointLanguageModel("tiny", PackedDecoder(lm), tok, spatial, {tok.eos_token_id})
+
+
+def clouds(n: int = 2):
+    g = torch.Generator().manual_seed(0)
+    return [torch.cat([torch.rand(128, 3, generator=g) * 2 - 1, torch.rand(128, 3, generator=g)], 1) for _ in range(n)]
+
+
+def test_prompt_spans_and_embedding(model):
+    c = clouds(2)
+    msgs = [{"role": "user", "content": f"{POINTS_PLACEHOLDER}\nwhat colour? and {POINTS_PLACEHOLDER} here"}]
+    p = model.build_prompt(msgs, c)
+    assert p.length == sum(map(len, p.pieces)) + 2 * ECFG.n_patches
+    spans = p.spatial_spans()
+    assert [e - s for s, e in spans] == [ECFG.n_patches] * 2 and spans[0][0] == len(p.pieces[0])
+    emb = model.embed_prompt(p)
+    assert emb.shape == (p.length, 64)
+    sp = model.encode_clouds(c)
+    torch.testing.assert_close(emb[spans[1][0]:spans[1][1]], sp[1])
+    with pytest.raises(ValueError):
+        model.build_prompt(msgs, c[:1])
+
+
+def test_raw_clouds_are_normalised_and_resampled(model):
+    import numpy as np
+
+    raw = Cloud((np.random.default_rng(0).normal(size=(300, 3)) * 5 + 2).astype(np.float32),
+                np.full((300, 3), 0.5, np.float32))
+    t = model.prepare_cloud(raw)
+    assert t.shape == (128, 6) and float(t[:, :3].norm(dim=1).max()) <= 1.0 + 1e-5
+
+
+def test_gated_generation_runs_and_keep_one_matches(model):
+    p = model.question_prompt("what colour is the sphere?", clouds(1)[0])
+    full = generate(model, p, None, model.decoder.new_cache(1, 128), max_new_tokens=4)
+    same = generate(model, p, GatePolicy(((1, 1.0),)), model.decoder.new_cache(1, 128), max_new_tokens=4)
+    pruned = generate(model, p, GatePolicy.fastv(1, 0.5), model.decoder.new_cache(1, 128), max_new_tokens=4)
+    assert full == same and 1 <= len(pruned) <= 4
+
+
+def test_spatial_weights_round_trip(tmp_path, parts):
+    spatial = parts[2]
+    save_spatial(tmp_path / "s.safetensors", spatial, half=False)
+    back = load_spatial(tmp_path / "s.safetensors")
+    assert back.cfg == ECFG and back.trained
+    x = torch.stack(clouds(2))
+    torch.testing.assert_close(back(x), spatial(x))
+
+
+def test_merge_lora_equals_peft(tmp_path, parts):
+    from peft import LoraConfig, get_peft_model
+
+    from vision.train3d import lora_weights
+
+    _, lm, _ = parts
+    peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    save_lora(tmp_path / "l.safetensors", {k: (a.half().float(), b.half().float()) for k, (a, b) in lora_weights(peft_lm).items()}, 4, 8)
+    merged = copy.deepcopy(lm)
+    assert merge_lora(merged, tmp_path / "l.safetensors") == 2 * lm.config.num_hidden_layers
+    ids = torch.tensor([[1, 5, 9, 20, 3]])
+    with torch.no_grad():
+        ref = peft_lm(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # fp16-stored A/B
+
+
+def test_training_batch_predicts_the_answer_tokens(parts):
+    """The rows lm_batch marks are exactly those whose next input is the answer (teacher forcing)."""
+    from vision.scene3d import Example
+    from vision.train3d import encode_examples, lm_batch
+
+    tok, lm, spatial = parts
+    tok = copy.copy(tok)
+    exs = [Example(0, "colour", "what colour is the square?", "red"), Example(0, "count", "how many?", "two")]
+    encs = encode_examples(tok, exs)
+    x, mask, rows, tgt = lm_batch(lm, spatial, torch.stack(clouds(2)), encs, torch.float32)
+    assert x.shape[0] == 2 and mask.sum(1).tolist() == [len(e.prefix) + ECFG.n_patches + len(e.suffix) + len(e.answer) - 1
+                                                        for e in encs]
+    emb = lm.get_input_embeddings().weight
+    for (b, r), t in zip(rows.tolist(), tgt.tolist(), strict=True):
+        if r + 1 < int(mask[b].sum()):  # the next input row is the target token's embedding
+            torch.testing.assert_close(x[b, r + 1], emb[t])
+    assert tgt.tolist()[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    text = tok.apply_chat_template(question_messages("q"), tokenize=False, add_generation_prompt=True)
+    assert POINTS_PLACEHOLDER in text

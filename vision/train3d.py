@@ -1,0 +1,341 @@
+"""Training the 3D LMM on the synthetic scenes (vision/scene3d.py), in two stages, on the CPU.
+
+1. ``encoder`` (minutes, no LM forward): the point-patch encoder learns what each patch is, with small
+   per-patch heads predicting the colour, shape and size of the object under the patch centre and whether
+   that object stands on another one (labels come free with the synthetic scenes); and the projector learns
+   to put each patch near SmolLM2's own input embeddings of the words "<colour> <shape>" of its object
+   (mean of the words' token embeddings, MSE over their variance). This is what makes stage 2 affordable
+   on a CPU: SmolLM2 first sees spatial tokens that already read like words it knows.
+2. ``lm``: SmolLM2-135M-Instruct frozen (bfloat16 on the CPU), LoRA on its q/v projections, the projector and
+   (at a lower rate) the encoder learn from the question answering, with cross-entropy on the answer tokens
+   and the closing ``<|im_end|>`` only; logits are computed at those positions alone.
+
+``python -m vision.train3d [--quick]`` runs both. ``OUT/last.pt`` holds the trainable weights after each stage
+(``--skip-encoder`` reuses stage 1 from it), ``OUT/log.jsonl`` the losses and validation accuracies, and
+``OUT/weights/`` the exported files the model loads (``spatial.safetensors``, ``lora.safetensors``);
+``--export DIR`` copies them (e.g. to vision/weights3d/ once held-out accuracy is clearly above the
+majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax);
+``python -m bench.gate3d`` measures generated answers on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vision.encoder3d import Encoder3DConfig, SpatialTokenizer
+from vision.model3d import POINTS_PLACEHOLDER, question_messages, save_lora, save_spatial
+from vision.scene3d import COLOURS, DEFAULT_OUT, QUICK_OUT, SHAPES, Example, load_split, majority_baseline
+
+
+@dataclass
+class Train3DConfig:
+    data: Path = DEFAULT_OUT
+    out: Path = Path("runs/train3d")
+    encoder_steps: int = 400
+    encoder_batch: int = 16
+    lm_steps: int = 200
+    batch: int = 8
+    lr: float = 1e-3
+    encoder_lr: float = 2e-4  # stage 2: the pretrained encoder moves slowly
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    dtype: str = "bfloat16"  # the frozen LM on the CPU
+    max_minutes: float = 25.0  # stage 2 stops here even if steps remain (the whole run stays under 30)
+    eval_every: int = 50
+    eval_examples: int = 96
+    seed: int = 0
+    n_patches: int = 64
+    patch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.lm_steps < 0 or self.encoder_steps < 0:
+            raise ValueError("batch >= 1 and non-negative step counts are required")
+
+
+def normalise_scenes(points: np.ndarray) -> np.ndarray:
+    """Every scene centred on its bounding box and scaled to unit radius (vision.points.normalise, batched)."""
+    xyz = points[..., :3]
+    centre = (xyz.min(1, keepdims=True) + xyz.max(1, keepdims=True)) / 2
+    scale = np.linalg.norm(xyz - centre, axis=-1).max(1)[:, None, None]
+    out = points.copy()
+    out[..., :3] = (xyz - centre) / np.maximum(scale, 1e-9)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+class PatchHeads(nn.Module):
+    """Per-patch auxiliary classifiers (training only)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.colour, self.shape = nn.Linear(dim, len(COLOURS)), nn.Linear(dim, len(SHAPES))
+        self.size, self.stacked = nn.Linear(dim, 2), nn.Linear(dim, 3)  # stacked: ground / carries one / on one
+
+
+def patch_targets(scenes: list[dict], labels: np.ndarray) -> np.ndarray:
+    """(n_scenes, P, 4) per-point targets: colour, shape, size, stacked-state of the point's object."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    out = np.zeros((*labels.shape, 4), np.int64)
+    for i, s in enumerate(scenes):
+        objs = s["objects"]
+        carries = {o["on"] for o in objs if o["on"] >= 0}
+        table = np.array([[colours.index(o["colour"]), shapes.index(o["shape"]), int(o["size"] == "large"),
+                           2 if o["on"] >= 0 else int(j in carries)] for j, o in enumerate(objs)])
+        out[i] = table[labels[i]]
+    return out
+
+
+def word_targets(tokenizer, embed: nn.Embedding) -> Tensor:
+    """(n_colours, n_shapes, d): the mean input embedding of the tokens of "<colour> <shape>", times sqrt(2)."""
+    out = torch.zeros(len(COLOURS), len(SHAPES), embed.weight.shape[1])
+    with torch.no_grad():
+        for i, c in enumerate(COLOURS):
+            for j, s in enumerate(SHAPES):
+                ids = tokenizer(f" {c} {s}", add_special_tokens=False)["input_ids"]
+                out[i, j] = embed(torch.tensor(ids)).float().mean(0) * math.sqrt(2)
+    return out
+
+
+def train_encoder(spatial: SpatialTokenizer, points: Tensor, targets: Tensor, cfg: Train3DConfig, log,
+                  words: Tensor | None = None) -> None:
+    enc = spatial.encoder
+    heads = PatchHeads(enc.cfg.dim)
+    trained = [*enc.parameters(), *heads.parameters()] + ([*spatial.projector.parameters()] if words is not None else [])
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01)
+    word_var = words.var() if words is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.encoder_steps), desc="stage 1 encoder", unit="step")
+    for step in bar:
+        idx = torch.randint(0, points.shape[0], (cfg.encoder_batch,), generator=gen)
+        x = points[idx]
+        x = x + torch.randn(x.shape, generator=gen) * torch.tensor([0.005] * 3 + [0.0] * 3)
+        patches = enc.patchify(x)
+        centre_idx = (x[..., :3].unsqueeze(1) - patches.centres.unsqueeze(2)).square().sum(-1).argmin(-1)  # (B, M)
+        t = torch.gather(targets[idx], 1, centre_idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, M, 4)
+        f = enc(patches)
+        loss = sum(F.cross_entropy(head(f).flatten(0, 1), t[..., j].flatten())
+                   for j, head in enumerate((heads.colour, heads.shape, heads.size, heads.stacked)))
+        if words is not None:  # the projector: each patch near the embedding of its object's words
+            loss = loss + F.mse_loss(spatial.projector(f), words[t[..., 0], t[..., 1]]) / word_var
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.encoder_steps)))
+        opt.step()
+        if step % 20 == 0 or step == cfg.encoder_steps - 1:
+            with torch.no_grad():
+                acc = [(head(f).argmax(-1) == t[..., j]).float().mean().item()
+                       for j, head in enumerate((heads.colour, heads.shape, heads.size, heads.stacked))]
+            bar.set_postfix(loss=f"{loss.item():.3f}", shape_acc=f"{acc[1]:.2f}")
+            log({"stage": "encoder", "step": step, "loss": loss.item(), "patch_acc": acc})
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+@dataclass
+class Encoded:
+    prefix: list[int]  # text before the cloud
+    suffix: list[int]  # question + assistant header
+    answer: list[int]  # answer tokens + <|im_end|>
+
+
+def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:
+    out = []
+    for e in examples:
+        text = tokenizer.apply_chat_template(question_messages(e.question), tokenize=False, add_generation_prompt=True)
+        pre, post = text.split(POINTS_PLACEHOLDER)
+        ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        out.append(Encoded(ids(pre), ids(post), ids(e.answer + "<|im_end|>")))
+    return out
+
+
+def lm_batch(lm, spatial: SpatialTokenizer, clouds: Tensor, encs: list[Encoded], dtype: torch.dtype
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-padded inputs_embeds (B, T, d), attention mask, the rows predicting answer tokens, the targets."""
+    embed = lm.get_input_embeddings()
+    sp = spatial(clouds).to(dtype)  # (B, M, d)
+    seqs, pred_rows, targets = [], [], []
+    for b, e in enumerate(encs):
+        text_in = e.prefix + [-1] * sp.shape[1] + e.suffix + e.answer[:-1]
+        emb_pre = embed(torch.tensor(e.prefix))
+        emb_post = embed(torch.tensor(e.suffix + e.answer[:-1]))
+        seqs.append(torch.cat([emb_pre, sp[b], emb_post]))
+        start = len(text_in) - len(e.answer)  # the row whose next token is answer[0]
+        pred_rows += [(b, start + j) for j in range(len(e.answer))]
+        targets += e.answer
+    T = max(s.shape[0] for s in seqs)
+    d = seqs[0].shape[1]
+    x = torch.zeros(len(seqs), T, d, dtype=dtype)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        x[b, :s.shape[0]], mask[b, :s.shape[0]] = s, 1
+    return x, mask, torch.tensor(pred_rows), torch.tensor(targets)
+
+
+def lm_loss(lm, x: Tensor, mask: Tensor, rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    h = lm.base_model.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, T, d)
+    logits = lm.base_model.model.lm_head(h[rows[:, 0], rows[:, 1]]).float()  # (n_answer_tokens, V)
+    return F.cross_entropy(logits, targets), logits.argmax(-1) == targets
+
+
+def teacher_forced_accuracy(lm, spatial, clouds: Tensor, encs: list[Encoded], idx: list[int], scene_of: list[int],
+                            dtype: torch.dtype, batch: int) -> float:
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(idx), batch):
+            chunk = idx[i:i + batch]
+            x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[scene_of[j] for j in chunk]], [encs[j] for j in chunk], dtype)
+            _, ok = lm_loss(lm, x, mask, rows, tgt)
+            owner = rows[:, 0]
+            correct += sum(bool(ok[owner == b].all()) for b in range(len(chunk)))
+    return correct / max(1, len(idx))
+
+
+def lora_weights(lm) -> dict[str, tuple[Tensor, Tensor]]:
+    out = {}
+    for name, mod in lm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            key = name.removeprefix("base_model.model.")
+            out[key] = (mod.lora_A["default"].weight.detach().float(), mod.lora_B["default"].weight.detach().float())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from lm.loading import load_causal_lm
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    logf = open(cfg.out / "log.jsonl", "a")
+
+    def log(rec: dict) -> None:
+        logf.write(json.dumps({"t": round(time.time(), 1), **rec}) + "\n")
+        logf.flush()
+
+    t0 = time.time()
+    pts, labels, scenes, train = load_split(cfg.data, "train")
+    vpts, _, _, val = load_split(cfg.data, "val")
+    clouds, vclouds = torch.from_numpy(normalise_scenes(pts)), torch.from_numpy(normalise_scenes(vpts))
+    dtype = getattr(torch, cfg.dtype)
+    hf_lm, tok = load_causal_lm("smollm2", "cpu", dtype)
+    ecfg = Encoder3DConfig(n_points=pts.shape[1], n_patches=cfg.n_patches, patch_size=cfg.patch_size,
+                           lm_dim=hf_lm.config.hidden_size)
+    spatial = SpatialTokenizer(ecfg)
+    ckpt = cfg.out / "last.pt"
+    if skip_encoder and ckpt.is_file():
+        spatial.load_state_dict(torch.load(ckpt)["spatial"])
+    else:
+        train_encoder(spatial, clouds, torch.from_numpy(patch_targets(scenes, labels)), cfg, log,
+                      word_targets(tok, hf_lm.get_input_embeddings()))
+        torch.save({"spatial": spatial.state_dict(), "stage": "encoder"}, ckpt)
+    t_enc = time.time() - t0
+
+    hf_lm.requires_grad_(False)
+    lm = get_peft_model(hf_lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                          target_modules=list(cfg.lora_targets)))
+    enc_train, venc = encode_examples(tok, train), encode_examples(tok, val)
+    val_idx = list(range(min(cfg.eval_examples, len(val))))
+    vscene = [e.scene for e in val]
+    params = [{"params": [p for p in lm.parameters() if p.requires_grad], "lr": cfg.lr},
+              {"params": spatial.projector.parameters(), "lr": cfg.lr},
+              {"params": spatial.encoder.parameters(), "lr": cfg.encoder_lr}]
+    for g in params:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    order = np.random.default_rng(cfg.seed).permutation(len(train)).tolist()
+    best = {"val_acc": -1.0}
+    history = []
+    t_lm = time.time()
+    bar = tqdm(range(cfg.lm_steps), desc="stage 2 LM", unit="step")
+    step = 0
+    for step in bar:
+        chunk = [order[(step * cfg.batch + j) % len(order)] for j in range(cfg.batch)]
+        x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[train[j].scene for j in chunk]], [enc_train[j] for j in chunk], dtype)
+        loss, _ = lm_loss(lm, x, mask, rows, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        warm = min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.lm_steps)))
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * warm
+        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        log({"stage": "lm", "step": step, "loss": loss.item()})
+        out_of_time = (time.time() - t_lm) / 60 > cfg.max_minutes
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.lm_steps - 1 or out_of_time:
+            spatial.eval()
+            acc = teacher_forced_accuracy(lm, spatial, vclouds, venc, val_idx, vscene, dtype, cfg.batch)
+            spatial.train()
+            history.append({"step": step + 1, "val_acc": acc})
+            log({"stage": "lm", "step": step, "val_acc": acc})
+            tqdm.write(f"step {step + 1}: val teacher-forced accuracy {acc:.3f} ({len(val_idx)} questions)")
+            if acc > best["val_acc"]:
+                best = {"val_acc": acc, "step": step + 1}
+                export(cfg.out / "weights", spatial, lm, cfg)
+            torch.save({"spatial": spatial.state_dict(), "lora": lora_weights(lm), "step": step + 1, "stage": "lm"}, ckpt)
+        if out_of_time:
+            tqdm.write(f"stopping at step {step + 1}: the {cfg.max_minutes} min budget is spent")
+            break
+    summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "encoder_s": round(t_enc, 1),
+               "lm_s": round(time.time() - t_lm, 1), "lm_steps_done": step + 1, "best": best, "history": history,
+               "majority_baseline_val": majority_baseline(train, val[:len(val_idx)])}
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def export(folder: Path, spatial: SpatialTokenizer, lm, cfg: Train3DConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_spatial(folder / "spatial.safetensors", spatial)
+    save_lora(folder / "lora.safetensors", lora_weights(lm), cfg.lora_rank, cfg.lora_alpha)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vision.train3d", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the quick data set and a few steps (a smoke run)")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--encoder-steps", type=int, default=None)
+    ap.add_argument("--lm-steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-minutes", type=float, default=25.0, help="wall-clock cap of stage 2")
+    ap.add_argument("--skip-encoder", action="store_true", help="reuse stage 1 from OUT/last.pt")
+    ap.add_argument("--export", type=Path, default=None, help="copy the best weights here (e.g. vision/weights3d)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = Train3DConfig(
+        data=a.data or (QUICK_OUT if a.quick else DEFAULT_OUT),
+        out=a.out or Path("runs/train3d-quick" if a.quick else "runs/train3d"),
+        encoder_steps=a.encoder_steps if a.encoder_steps is not None else (20 if a.quick else 400),
+        lm_steps=a.lm_steps if a.lm_steps is not None else (4 if a.quick else 400),
+        batch=a.batch, max_minutes=a.max_minutes, seed=a.seed,
+        eval_every=2 if a.quick else 50, eval_examples=8 if a.quick else 96,
+    )
+    summary = run(cfg, a.skip_encoder)
+    print(json.dumps({k: summary[k] for k in ("encoder_s", "lm_s", "lm_steps_done", "best", "majority_baseline_val")}))
+    if a.export is not None:
+        a.export.mkdir(parents=True, exist_ok=True)
+        for f in ("spatial.safetensors", "lora.safetensors"):
+            shutil.copy(cfg.out / "weights" / f, a.export / f)
+        print(f"exported to {a.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
