@@ -230,3 +230,35 @@ def test_scheduler_serves_mixed_modalities_each_with_its_own_routing():
         swapped[:, IMAGE] = swapped[:, TEXT]
     mma._table = swapped
     assert serve(["image"])["image"] != together["image"]
+
+
+def test_a_shared_adapter_takes_slot_assignments_and_routes_to_ones():
+    lm = tiny_llama(100)
+    mma = apply_mma(lm.model.layers, MMAConfig(paths=1))
+    mma.assign(0, IMAGE)  # the serving hook calls this for every request, whatever the adapter kind
+    assert mma.route(torch.tensor([TEXT, IMAGE])).shape == (2, 2, 1)
+    assert torch.equal(mma.table()[:, :2], torch.ones(2, 2, 1))
+
+
+@pytest.mark.slow
+def test_default_model_loads_the_committed_weights_and_sees_colours(tmp_path):
+    """The committed projector + MM-Adapters (vision/weights/) through load_vlm and the scheduler: the colour of
+    a single rendered shape (vision/data_render.py's distribution) is right well above chance (1 in 8)."""
+    import random
+
+    from vision.data import Example
+    from vision.data_render import render_single
+    from vision.evaluate import answer_all
+    from vision.model import MMA_FILE, PROJECTOR_FILE, load_vlm
+
+    if not (PROJECTOR_FILE.is_file() and MMA_FILE.is_file()):
+        pytest.skip("no trained weights in vision/weights")
+    vlm = load_vlm()
+    assert vlm.mma is not None and vlm.encoder.trained
+    examples = []
+    for i in range(16):
+        image, qas = render_single(random.Random(f"colour-check-{i}"))
+        image.save(tmp_path / f"{i}.png")
+        examples.append(Example(f"c{i}", "test", "colour", "image", qas[0].question, qas[0].answer, f"{i}.png"))
+    answers = answer_all(vlm, examples, tmp_path, max_tokens=6)
+    assert sum(a.correct for a in answers) >= 6, [(a.example.answer, a.text) for a in answers]  # ~9 expected

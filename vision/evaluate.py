@@ -115,7 +115,9 @@ def answer_all(model: VisionLanguageModel, examples: list[Example], folder: Path
             prompt = model.build_prompt(ex.messages(IMAGE_PLACEHOLDER), images)
             sched.submit(GenRequest(f"eval-{i}", None, prompt, SamplingParams(max_tokens=max_tokens), emit_for(i)))
         for d in done:
-            d.wait()
+            while not d.wait(1.0):
+                if not sched._thread.is_alive():
+                    raise RuntimeError("the scheduler thread died (see the log above)")
     finally:
         sched.stop()
     if errors:

@@ -137,7 +137,10 @@ class MixtureOfModalityAdapters(nn.Module):
 
     # ------------------------------------------------------------------ the router
     def route(self, modalities: Tensor) -> Tensor:
-        """(N,) modality ids → (L, N, P) routing weights, from the modality tokens' own forward."""
+        """(N,) modality ids → (L, N, P) routing weights, from the modality tokens' own forward.
+        (Ones for a single shared adapter: it has no router and applies to every token.)"""
+        if not self.cfg.routed:
+            return torch.ones(len(self.layers), len(modalities), 1, device=self.modality.device)
         h = self.modality[modalities]  # (N, d)
         p = next(self.layers.parameters())
         h = h.to(p.dtype)
