@@ -11,16 +11,15 @@ import openai
 import pytest
 import torch
 
+from tests.test_3d_model import ECFG
 from tests.test_vision_serving import make_service
 from tests.vision_fixtures import save_adapters, tiny_llama, tiny_tokenizer
 from vision.decoder import PackedDecoder
-from vision.encoder3d import Encoder3DConfig, SpatialTokenizer
+from vision.encoder3d import SpatialTokenizer
 from vision.gate3d import GatePolicy
 from vision.model3d import PointLanguageModel
 from vision.scheduler import SchedulerConfig
 from vision.service import VisionService, VisionServiceConfig
-
-ECFG = Encoder3DConfig(n_points=128, n_patches=12, patch_size=16, dim=32, layers=1, heads=2, lm_dim=64)
 
 
 @pytest.fixture(scope="module")

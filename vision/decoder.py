@@ -49,6 +49,7 @@ class PackedStep:
     logits_rows: Tensor  # (n_segments,) the packed row of each segment's last token
     offsets: tuple[int, ...]  # packed row of each segment's first token
     decode_rows: Tensor  # (B_dec,) packed rows of the decode tokens
+    decode_mask: Tensor | None  # (B_dec, 1, 1, L_dec) cache rows each decode token sees; shared by every layer
 
     @staticmethod
     def build(segments: list[Segment], device: torch.device) -> PackedStep:
@@ -63,10 +64,15 @@ class PackedStep:
             rows.append(offset - 1)
             (dec if s.length == 1 and s.start > 0 else pre).append(i)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        decode_mask = None
+        if dec:
+            starts = as_long([segments[i].start for i in dec])
+            end = max(segments[i].start for i in dec) + 1
+            decode_mask = (torch.arange(end, device=device).unsqueeze(0) <= starts.unsqueeze(1))[:, None, None, :]
         return PackedStep(
             tuple(segments), as_long(pos), tuple(pre), tuple(dec),
             as_long([segments[i].slot for i in dec]), as_long([segments[i].start for i in dec]), as_long(rows),
-            tuple(offsets), as_long([offsets[i] for i in dec]),
+            tuple(offsets), as_long([offsets[i] for i in dec]), decode_mask,
         )
 
 
@@ -161,11 +167,10 @@ class PackedDecoder(nn.Module):
             slots, pos = step.decode_slots, step.decode_positions
             kc[slots, :, pos] = k[rows]
             vc[slots, :, pos] = v[rows]
-            end = int(max(step.segments[i].start for i in step.decode)) + 1
+            end = step.decode_mask.shape[-1]
             keys, values = kc[slots, :, :end], vc[slots, :, :end]  # (B, Hkv, end, D)
-            mask = torch.arange(end, device=x.device).unsqueeze(0) <= pos.unsqueeze(1)  # (B, end)
             o_att = F.scaled_dot_product_attention(
-                q[rows].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+                q[rows].unsqueeze(2), keys, values, attn_mask=step.decode_mask,
                 enable_gqa=self.n_heads != self.n_kv_heads,
             )  # (B, Hq, 1, D)
             out[rows] = o_att[:, :, 0]
