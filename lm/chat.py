@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lm.loading import DEFAULT_LM, load_causal_lm
+from lm.loading import DEFAULT_LM, load_causal_lm, stop_token_ids
 
 VOICE_SYSTEM_PROMPT = (
     "You are a helpful voice assistant. Your answers are spoken aloud, so reply in one or two short, "
@@ -52,14 +52,7 @@ class ChatLM:
             raise ValueError("the tokenizer has no chat template: the chat model must be an instruction-tuned LM")
         self.model, self.tokenizer = model, tokenizer
         self.cfg = cfg or ChatConfig()
-        eos = {tokenizer.eos_token_id}
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):  # end-of-turn tokens of common templates
-            tid = tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                eos.add(tid)
-        self.stop_ids = frozenset(i for i in eos if i is not None)
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     @classmethod

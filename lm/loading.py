@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +85,19 @@ def load_causal_lm(
             f"format nor a model in the local Hugging Face cache (no download is attempted). ({e})"
         ) from None
     return model.to(device).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+    """The ids that end an answer: EOS, the generation config's EOS list, and the end-of-turn token of the
+    common chat templates (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, Phi's ``<|end|>``)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(generation_config, "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, list) else {gen}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return frozenset(i for i in ids if i is not None)
 
 
 def _smollm2_cache() -> Path:

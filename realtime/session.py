@@ -6,7 +6,8 @@ it speaks), and turns the engine's per-frame results into server events. Outgoin
 bounded queue: a client that stops reading is closed cleanly instead of growing memory.
 
 With a ``Dialogue`` (realtime.dialogue) the session also hears the user: each voice turn is transcribed
-and answered, and every response's text is streamed from the responder and spoken sentence by sentence.
+and answered, and every response's text is streamed from the responder and spoken sentence by sentence
+(realtime.session_dialogue).
 Without one, the responder's text is spoken at once (the echo default of tests and ``create_app``).
 
 The server may end a session itself (``_shut``): at ``max_session_seconds`` (``session_expired``, close
@@ -20,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import copy
 import logging
 import threading
 import time
@@ -35,11 +34,12 @@ from realtime import protocol as P
 from realtime.audio import ChunkResampler, EnergyVAD, float_to_pcm16, pcm16_to_float
 from realtime.auth import ANONYMOUS, Principal
 from realtime.config import Settings
-from realtime.dialogue import Dialogue, SpeechChunker, TurnAudio
+from realtime.dialogue import Dialogue, TurnAudio
 from realtime.engine import Engine, SessionHandle
 from realtime.metrics import Metrics
 from realtime.protocol import BinaryKind, CloseCode, ErrorCode, ProtocolError
 from realtime.responder import Responder, item_text
+from realtime.session_dialogue import WIRE_RATE, DialogueTurns
 from realtime.store import RecordStore, SessionLog
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WIRE_RATE = 24000
-MAX_CONTEXT_ITEMS = 64  # conversation items handed to the responder per answer
 STORE_WAIT_S = 5.0  # response.done waits this long for its record to be durable, then goes out anyway
 
 
@@ -92,7 +90,7 @@ class TokenBucket:
         return False
 
 
-class RealtimeSession:
+class RealtimeSession(DialogueTurns):
     def __init__(
         self, ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics, responder: Responder,
         beta: bool, model_name: str, dialogue: Dialogue | None = None, principal: Principal | None = None,
@@ -608,106 +606,6 @@ class RealtimeSession:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _voice_turn(self, item_id: str, audio: Any) -> None:
-        """A user turn ended: commit it as a user item now, transcribe (and answer) it in the background."""
-        if audio.shape[0] < self.dialogue.cfg.min_turn_s * WIRE_RATE:
-            return
-        if self._pending_turns >= self.settings.max_pending_turns:  # bounded queue of the one ASR worker
-            self._error(ProtocolError(
-                ErrorCode.RATE_LIMITED, f"{self.settings.max_pending_turns} voice turns are already waiting for "
-                "speech recognition; this turn was dropped (pause between turns)",
-            ))
-            return
-        previous = self._last_item()
-        self._send(P.server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed",
-                "role": "user", "content": [{"type": "input_audio", "transcript": None}]}
-        self._add_item(item)
-        if self.beta:
-            self._send(P.server_event("conversation.item.created", previous_item_id=previous, item=item))
-        else:
-            self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
-            self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
-        self._pending_turns += 1  # back down when its transcription ends
-        self._spawn(self._transcribe_and_answer(item, audio))
-
-    async def _transcribe_and_answer(self, item: dict, audio: Any) -> None:
-        common = {"item_id": item["id"], "content_index": 0}
-        try:
-            text = await self.dialogue.transcribe(audio, WIRE_RATE)
-        except Exception as e:
-            log.exception("session %s: transcription failed", self.id)
-            self._send(P.server_event(
-                "conversation.item.input_audio_transcription.failed", **common,
-                error={"type": "server_error", "code": ErrorCode.SERVER_ERROR.value,
-                       "message": f"transcription failed: {type(e).__name__}"},
-            ))
-            return
-        finally:
-            self._pending_turns -= 1
-        item["content"][0]["transcript"] = text
-        if self.log is not None:
-            self.log.item_changed(item)
-        self._send(P.server_event("conversation.item.input_audio_transcription.completed", transcript=text, **common))
-        td = self.state.turn_detection
-        # answer unless told not to, already answering, or the user has started speaking again
-        if (text and td is not None and td.create_response and self.response is None and not self._vad.active
-                and self._closing is None and not self._draining):
-            self._start_streamed_response(self.state.instructions, None)
-
-    def _start_streamed_response(self, instructions: str, max_frames: int | None) -> None:
-        r = self._open_response("", max_frames)
-        r.generating = True
-        # a copy of the newest items (the chat LM keeps what fits its prompt): the worker thread reads it
-        items = copy.deepcopy([self.items[i] for i in self.order[-MAX_CONTEXT_ITEMS - 1 : -1]])
-        self._spawn(self._write_answer(r, items, instructions))
-
-    async def _write_answer(self, r: Response, items: list[dict], instructions: str) -> None:
-        """Stream the responder's text: each piece goes out as a transcript delta, each sentence to the voice."""
-        chunker = SpeechChunker(min(self.engine.model.max_text_chars, self.settings.max_text_chars))
-        common = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
-        failure = None
-        try:
-            async with contextlib.aclosing(self.dialogue.stream(items, instructions, r.stop)) as pieces:
-                async for piece in pieces:
-                    if self.response is not r:
-                        break
-                    r.text += piece
-                    self._send(P.server_event("response.output_audio_transcript.delta", delta=piece, **common))
-                    for text in chunker.push(piece):
-                        self._queue_speech(r, text)
-            if self.response is r:
-                for text in chunker.flush():
-                    self._queue_speech(r, text)
-        except Exception as e:
-            log.exception("session %s: the responder failed", self.id)
-            failure = f"the responder failed: {type(e).__name__}"
-        finally:
-            r.generating = False
-        if self.response is not r or r.speaking or r.pending:
-            return  # ended already, or the voice finishes the last sentences and then ends it
-        if failure is None and not r.text.strip():
-            failure = "the responder gave no answer"
-        self._finish_response("failed" if failure else "completed", failure)
-
-    def _queue_speech(self, r: Response, text: str) -> None:
-        r.pending.append(text)
-        if not r.speaking:
-            self._speak_next(r)
-
-    def _speak_next(self, r: Response) -> None:
-        """Hand the next written sentence to the engine, within what is left of ``max_output_tokens``."""
-        if not r.pending:
-            return  # the responder is still writing it
-        left = None
-        if r.max_frames is not None:
-            left = r.max_frames - r.audio_samples // self.engine.wire_frame
-            if left <= 0:
-                self._finish_response("incomplete", None)
-                return
-        r.speaking = True
-        self.engine.speak(self.handle, r.id, r.pending.popleft(), left)
 
     # ------------------------------------------------------------------ helpers
     def _add_item(self, item: dict) -> None:

@@ -22,8 +22,8 @@ from vision.scheduler import SchedulerConfig
 from vision.service import VisionService, VisionServiceConfig
 
 
-@pytest.fixture(scope="module")
-def point_service():
+def make_point_service() -> VisionService:
+    """The tiny 3D model served as ``tiny-3d``, gated to half its spatial tokens after layer 1."""
     tok = tiny_tokenizer()
     lm = tiny_llama(len(tok))
     torch.manual_seed(0)
@@ -32,6 +32,11 @@ def point_service():
     gate = GatePolicy(stages=((1, 0.5),))
     return VisionService(model, VisionServiceConfig(lora_slots=1, max_lora_rank=8, gate=gate,
                                                     scheduler=SchedulerConfig(max_running=4, max_len=256)))
+
+
+@pytest.fixture(scope="module")
+def point_service():
+    return make_point_service()
 
 
 def npy_url(seed: int = 0, n: int = 400) -> str:
@@ -54,7 +59,9 @@ def test_a_point_cloud_question_is_answered_with_the_gate_counted(make_server, p
     vision = make_service((tok, base, save_adapters(base, tmp_path), None), slots=2)
     srv = make_server(vision=[vision, point_service])
     client = openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="x", max_retries=0, timeout=60)
-    assert {"tiny", "tiny-3d"} <= {m.id for m in client.models.list().data}
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["tiny-3d"].input_modalities == ["text", "point_cloud"]  # what each model takes, for clients
+    assert cards["tiny"].input_modalities == cards["ad-a"].input_modalities == ["text", "image"]
     gated = ask(client, "tiny-3d", npy_url())
     assert gated.usage.spatial_tokens_total == 12 and gated.usage.spatial_tokens_kept == 6
     assert gated.choices[0].message.content is not None

@@ -8,7 +8,17 @@ import torch
 
 from tests.vision_fixtures import tiny_llama
 from vision.decoder import PackedDecoder, PackedStep, Segment
-from vision.mma import IMAGE, TEXT, AdaptedNorm, MMAConfig, apply_mma, attach_to_decoder, load_mma
+from vision.mma import (
+    IMAGE,
+    TEXT,
+    AdaptedNorm,
+    MMAConfig,
+    apply_mma,
+    attach_to_decoder,
+    attach_visual,
+    load_mma,
+    remove_mma,
+)
 
 CPU = torch.device("cpu")
 
@@ -24,6 +34,8 @@ def _randomize(mma, seed: int = 3) -> None:
                 a.router.weight.normal_(0, 2.0, generator=g)
                 a.router.bias.normal_(0, 0.5, generator=g)
         mma.modality.normal_(0, 1.0, generator=g)
+        if mma.visual is not None:
+            mma.visual.up.weight.normal_(0, 0.3, generator=g)
     mma.refresh()
 
 
@@ -64,18 +76,21 @@ def test_router_weights_depend_only_on_the_modality_token():
 
 def _reference_in_sequence(lm, mma, ids: torch.Tensor, modality: int) -> torch.Tensor:
     """The paper's formulation: the modality token in front, other tokens masked from it, the router reading
-    the layer's normed state at position 0. Returns logits of the real tokens (modality token dropped)."""
+    the normed state at position 0 — of the layer itself (``route_layer=None``) or of the first layer
+    (``route_layer=0``). Returns logits of the real tokens (modality token dropped)."""
     n = ids.shape[1] + 1
     emb = torch.cat([mma.modality[modality].view(1, 1, -1), lm.model.embed_tokens(ids)], dim=1)
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))
     allowed[1:, 0] = False  # no token attends to the modality token
-    saved = []
+    saved, first = [], {}
     for layer in lm.model.layers:
         wrapped = layer.input_layernorm
 
         def forward(h, wrapped=wrapped):
             z = wrapped.norm(h)
-            w = wrapped.adapter.route(z[:, 0])  # (B, P) from the modality token's normed state
+            first.setdefault("z0", z[:, 0])
+            z0 = z[:, 0] if mma.cfg.route_layer is None else first["z0"]
+            w = wrapped.adapter.route(z0)  # (B, P) from the modality token's normed state
             return wrapped.adapter(z, w[:, None, :])
 
         saved.append(wrapped.forward)
@@ -88,10 +103,11 @@ def _reference_in_sequence(lm, mma, ids: torch.Tensor, modality: int) -> torch.T
     return out[:, 1:]
 
 
+@pytest.mark.parametrize("route_layer", [0, None])
 @pytest.mark.parametrize("modality", [TEXT, IMAGE])
-def test_modality_token_is_not_attended_and_routing_equals_the_in_sequence_reference(modality):
+def test_modality_token_is_not_attended_and_routing_equals_the_in_sequence_reference(modality, route_layer):
     lm = tiny_llama(100)
-    mma = apply_mma(lm.model.layers, MMAConfig())
+    mma = apply_mma(lm.model.layers, MMAConfig(route_layer=route_layer))
     _randomize(mma)
     mma.eval()
     ids = torch.randint(0, 100, (1, 8))
@@ -166,20 +182,79 @@ def test_config_is_validated():
         MMAConfig(temperature=0)
     with pytest.raises(ValueError):
         MMAConfig(rank=0)
+    with pytest.raises(ValueError):
+        MMAConfig(route_layer=-1)
+    with pytest.raises(ValueError):
+        MMAConfig(visual_rank=-2)
+    mma = apply_mma(tiny_llama(100).model.layers, MMAConfig(route_layer=5))
+    with pytest.raises(ValueError, match="past the last"):
+        mma.route(torch.tensor([TEXT]))
+
+
+def test_routing_loss_ties_each_modality_to_its_own_path():
+    """The two paths are symmetric; the auxiliary loss makes text take path 0 and images path 1 in every
+    layer, from the first layer's state of the modality token (route_layer=0), even in layers where the
+    modality token's own states of the two modalities look alike."""
+    lm = tiny_llama(100)
+    lm.requires_grad_(False)
+    mma = apply_mma(lm.model.layers, MMAConfig())
+    mma.train()
+    opt = torch.optim.AdamW(mma.parameters(), lr=5e-2)
+    first = mma.routing_loss().item()
+    assert first == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=0.05)  # ~uniform at init
+    for _ in range(30):
+        loss = mma.routing_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mma.eval()
+    mma.refresh()
+    table = mma.table()  # (L, M + 1, P)
+    assert (table[:, TEXT].argmax(-1) == 0).all() and (table[:, IMAGE].argmax(-1) == 1).all()
+    assert mma.routing_loss().item() < first / 2
+    assert torch.equal(table[:, 2], torch.zeros_like(table[:, 2]))  # the "unassigned" row stays zero
+    with pytest.raises(ValueError, match="path per modality"):
+        apply_mma(tiny_llama(100).model.layers, MMAConfig(paths=1)).routing_loss()
+
+
+def test_visual_adapter_is_identity_at_init_then_saved_and_loaded(tmp_path):
+    lm = tiny_llama(100)
+    mma = apply_mma(lm.model.layers, MMAConfig(visual_rank=4, feature_dim=16))
+    projector = torch.nn.Linear(16, 8)
+    feats = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        ref = projector(feats)
+        handle = attach_visual(mma, projector)
+        torch.testing.assert_close(projector(feats), ref, atol=0, rtol=0)  # zero up-projection
+        _randomize(mma)
+        adapted = projector(feats)
+        assert (adapted - ref).abs().max() > 1e-3
+        mma.visual_enabled = False  # a LoRA adapter's request (the scheduler's switch): plain features
+        torch.testing.assert_close(projector(feats), ref, atol=0, rtol=0)
+        mma.visual_enabled = True
+        handle.remove()
+        torch.testing.assert_close(projector(feats), ref)  # detached: the plain projector
+    assert attach_visual(apply_mma(tiny_llama(100).model.layers, MMAConfig()), projector) is None
+    mma.save(tmp_path / "mma.safetensors")
+    mma2 = load_mma(tmp_path / "mma.safetensors", tiny_llama(100).model.layers)
+    assert mma2.cfg == mma.cfg and mma2.visual is not None
+    attach_visual(mma2, projector)
+    with torch.no_grad():
+        torch.testing.assert_close(projector(feats), adapted)
 
 
 def test_scheduler_serves_mixed_modalities_each_with_its_own_routing():
-    """Through the continuous-batching scheduler (with the MM-Adapter hook of vision/evaluate.py): a text-only
-    and an image request submitted together answer as each does alone, and the image request's answer is
-    its own modality's (served with the text modality's weights, it differs)."""
+    """Through the continuous-batching scheduler (its MM-Adapter hook: a slot takes its request's modality at
+    admission, and is released when the request ends): a text-only and an image request submitted together
+    answer as each does alone, the image request's answer is its own modality's (served with the text
+    modality's weights, it differs), and both differ from the model without MM-Adapters."""
     import threading
 
     from PIL import Image
 
     from tests.vision_fixtures import ToyImageEncoder, tiny_tokenizer
-    from vision.evaluate import _Scheduler
     from vision.model import IMAGE_PLACEHOLDER, VisionLanguageModel
-    from vision.scheduler import GenRequest, SamplingParams, SchedulerConfig
+    from vision.scheduler import GenRequest, SamplingParams, Scheduler, SchedulerConfig
 
     tok = tiny_tokenizer()
     lm = tiny_llama(len(tok))
@@ -190,14 +265,14 @@ def test_scheduler_serves_mixed_modalities_each_with_its_own_routing():
     _randomize(mma)
     mma.eval()
     model.mma = mma
-    attach_to_decoder(mma, model.decoder)
+    hook = attach_to_decoder(mma, model.decoder)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     prompts = {"text": model.build_prompt([{"role": "user", "content": "how many circles are there?"}], []),
                "image": model.build_prompt([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nwhat colour is the square?"}],
                                            [image])}
 
     def serve(names: list[str]) -> dict[str, list[str]]:
-        sched = _Scheduler(model, None, None, SchedulerConfig(max_running=4, max_len=128))
+        sched = Scheduler(model, None, None, SchedulerConfig(max_running=4, max_len=128))
         out: dict[str, list[str]] = {n: [] for n in names}
         reqs = {}
         done = {n: threading.Event() for n in names}
@@ -230,6 +305,38 @@ def test_scheduler_serves_mixed_modalities_each_with_its_own_routing():
         swapped[:, IMAGE] = swapped[:, TEXT]
     mma._table = swapped
     assert serve(["image"])["image"] != together["image"]
+    mma.refresh()
+    # without the MM-Adapters (the plain model) both answers change
+    hook.remove()
+    remove_mma(model.decoder.layers)
+    model.mma = None
+    plain = serve(["text", "image"])
+    assert plain["text"] != together["text"] and plain["image"] != together["image"]
+
+
+def test_lora_adapter_requests_run_the_plain_model_their_adapters_were_trained_on(tmp_path):
+    """The LoRA adapters are trained on the model without MM-Adapters (vision.adapter_gen): a request naming
+    one keeps its slot unassigned, so it answers exactly as the plain model with that adapter, while a
+    base-model request in the same batch is routed through the MM-Adapters."""
+    from tests.test_vision_serving import PROMPTS, _generate, make_service
+    from tests.vision_fixtures import save_adapters, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok))
+    g = torch.Generator().manual_seed(5)  # an untied, larger head: a random tiny LM otherwise repeats one token
+    base.lm_head.weight = torch.nn.Parameter(torch.randn(base.lm_head.weight.shape, generator=g))
+    paths = save_adapters(base, tmp_path)
+    plain, routed = make_service((tok, base, paths, None)), make_service((tok, base, paths, None))
+    mma = apply_mma(routed.model.decoder.layers, MMAConfig())
+    _randomize(mma)
+    mma.eval()
+    routed.model.mma = mma
+    attach_to_decoder(mma, routed.model.decoder)
+    requests = [("ad-b", PROMPTS["ad-b"]), (None, PROMPTS[None])]
+    want, _ = _generate(plain, requests)
+    got, _ = _generate(routed, requests)
+    assert got[0].out_ids == want[0].out_ids  # the adapter's request: the plain model + its adapter
+    assert got[1].out_ids != want[1].out_ids  # the base model's request: through the MM-Adapters
 
 
 def test_a_shared_adapter_takes_slot_assignments_and_routes_to_ones():
@@ -262,3 +369,19 @@ def test_default_model_loads_the_committed_weights_and_sees_colours(tmp_path):
         examples.append(Example(f"c{i}", "test", "colour", "image", qas[0].question, qas[0].answer, f"{i}.png"))
     answers = answer_all(vlm, examples, tmp_path, max_tokens=6)
     assert sum(a.correct for a in answers) >= 6, [(a.example.answer, a.text) for a in answers]  # ~9 expected
+
+
+def test_gain_scaled_adapter_output_is_multiplied_by_the_norm_gain():
+    z = torch.randn(3, 64)
+    w = torch.tensor([[0.3, 0.7]]).expand(3, 2)
+    gain = torch.rand(64) + 0.1
+    outs = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        a = apply_mma(tiny_llama(100).model.layers, MMAConfig(gain_scaled=scaled, dropout=0.0)).adapters[0]
+        with torch.no_grad():
+            a.up.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        a.eval()
+        with torch.no_grad():
+            outs[scaled] = a(z, w, gain) - z
+    torch.testing.assert_close(outs[True], outs[False] * gain)

@@ -291,3 +291,10 @@ def test_adapter_dir_loads_good_adapters_and_skips_bad_ones(world, tmp_path):
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
     assert service.load_adapter_dir(tmp_path) == ["good"]
     assert service.adapters.names() == ["good"]
+
+
+def test_a_stopped_scheduler_serves_again_when_started(world):
+    service = make_service(world, max_running=2)
+    first, _ = _generate(service, [(None, PROMPTS[None])])  # starts, serves, stops
+    again, results = _generate(service, [(None, PROMPTS[None])])
+    assert results[0][-1].kind == "done" and again[0].out_ids == first[0].out_ids

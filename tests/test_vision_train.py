@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.vision_fixtures import tiny_llama, tiny_tokenizer
 from vision.data import Example
-from vision.mma import IMAGE, TEXT, MMAConfig, apply_mma
+from vision.mma import IMAGE, TEXT, MMAConfig, apply_mma, attach_visual
 from vision.model import IMAGE_PLACEHOLDER
 from vision.train import (
     Batcher,
@@ -23,6 +23,7 @@ from vision.train import (
     common_prefix,
     encode,
     exact_match,
+    fit_router,
     lr_at,
 )
 
@@ -138,6 +139,49 @@ def test_mma_steps_reduce_the_loss_and_train_only_the_adapters(paths):
             torch.testing.assert_close(v, frozen[k.replace("input_layernorm.norm.", "input_layernorm.")])
 
 
+def test_mma_with_routing_loss_and_visual_adapter_learns_and_routes_each_modality_to_its_path():
+    """Stage 2 as run() trains it: answer loss + the auxiliary routing loss, the visual adapter on the image
+    features before the frozen projector. The loss falls, the visual adapter learns, the projector and the
+    LM stay as they were, and every layer routes text to path 0 and images to path 1."""
+    tok, lm, projector, features, enc = _setup()
+    projector.requires_grad_(False)
+    frozen_projector = copy.deepcopy(projector.state_dict())
+    mma = apply_mma(lm.model.layers, MMAConfig(dropout=0.0, visual_rank=8, feature_dim=FEAT))
+    attach_visual(mma, projector)
+    mma.train()
+    batcher = Batcher(lm.model.embed_tokens, projector, features, torch.float32)
+    opt = torch.optim.AdamW(mma.parameters(), lr=1e-2)
+    cfg = TrainConfig(stage="mma")
+    before = batch_loss(lm, enc, batcher, mma).item()
+    for _ in range(15):
+        loss = batch_loss(lm, enc, batcher, mma) + cfg.route_loss * mma.routing_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = batch_loss(lm, enc, batcher, mma).item()
+    assert after < before - 0.3
+    assert mma.visual.up.weight.abs().max() > 0  # it moved from its zero init
+    for k, v in projector.state_dict().items():
+        torch.testing.assert_close(v, frozen_projector[k])
+    mma.eval()
+    mma.refresh()
+    table = mma.table()
+    assert (table[:, TEXT].argmax(-1) == 0).all() and (table[:, IMAGE].argmax(-1) == 1).all()
+
+
+def test_fit_router_settles_the_routing_before_the_adapters_learn():
+    lm = tiny_llama(100)
+    lm.requires_grad_(False)
+    mma = apply_mma(lm.model.layers, MMAConfig(visual_rank=4, feature_dim=FEAT))
+    before = {k: v.clone() for k, v in mma.state_dict().items()}
+    own = fit_router(mma)
+    assert own > 0.97
+    for k, v in mma.state_dict().items():  # only the routers moved
+        if ".router." not in k:
+            torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert all(p.grad is None for p in mma.parameters())
+
+
 def test_batches_are_a_function_of_the_step_and_mix_modalities():
     tok, lm, projector, features, enc = _setup()
     images = [e for e in enc if e.modality == IMAGE]
@@ -161,3 +205,5 @@ def test_schedule_and_config():
         TrainConfig(stage="nope")
     with pytest.raises(ValueError):
         TrainConfig(text_fraction=1.0)
+    with pytest.raises(ValueError):
+        TrainConfig(route_loss=-1.0)

@@ -28,10 +28,11 @@ from PIL import Image
 
 from realtime.config import Settings
 from tests.conftest import start_server, tiny_model
+from tests.test_3d_api import make_point_service as tiny_point_service
 from tests.test_vision_serving import make_service
 from tests.vision_fixtures import save_adapters, tiny_llama, tiny_tokenizer
 from web import demo_points as points
-from web.demo import NOT_SERVED_3D, self_url
+from web.demo import NOT_A_3D_MODEL, NOT_SERVED_3D, self_url
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -50,7 +51,7 @@ def served(tmp_path_factory):
     base = tiny_llama(len(tok))
     paths = save_adapters(base, tmp_path_factory.mktemp("adapters"))
     service = make_service((tok, base, paths, None), slots=2)
-    srv = start_server(Settings(demo=True, capacity=4), tiny_model(4), None, service)
+    srv = start_server(Settings(demo=True, capacity=4), tiny_model(4), None, [service, tiny_point_service()])
     tmp = tmp_path_factory.mktemp("demo")
     try:
         yield srv, _client(srv.http_url, tmp), tmp
@@ -89,9 +90,10 @@ def test_demo_is_mounted_as_html_only_when_asked(served, make_server):
 def test_model_list_names_the_base_model_and_the_adapters(served):
     _, client, _ = served
     vision_model, model_3d, note = client.predict("", None, None, api_name="/refresh_models")
-    for dropdown in (vision_model, model_3d):  # updates: the choices and the value picked
-        assert [c[0] for c in dropdown["choices"]] == ["tiny", "ad-a", "ad-b", "ad-c"] and dropdown["value"] == "tiny"
-    assert "`tiny` (base)" in note and "`ad-a` (LoRA rank 4)" in note and "`ad-b` (LoRA rank 8)" in note
+    # updates: the choices and the value picked; each tab lists the models that take its input
+    assert [c[0] for c in vision_model["choices"]] == ["tiny", "ad-a", "ad-b", "ad-c"] and vision_model["value"] == "tiny"
+    assert [c[0] for c in model_3d["choices"]] == ["tiny-3d"] and model_3d["value"] == "tiny-3d"
+    assert "`tiny` (base)" in note and "`tiny-3d` (base, 3D)" in note and "`ad-a` (LoRA rank 4)" in note and "`ad-b` (LoRA rank 8)" in note
 
 
 def test_vision_tab_streams_the_answer_the_api_gives(served, png):
@@ -108,7 +110,7 @@ def test_vision_tab_streams_the_answer_the_api_gives(served, png):
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     direct = post_json(f"{srv.http_url}/v1/chat/completions", {
         "model": "ad-a", "max_tokens": 8, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what colour is the square?"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what colour is the square?"}]}]})
     assert answer == direct["choices"][0]["message"]["content"]  # greedy: the demo adds nothing, loses nothing
 
 
@@ -121,20 +123,44 @@ def test_vision_tab_shows_the_servers_error_message(served, png):
     assert "Traceback" not in info
 
 
-def test_3d_tab_renders_examples_and_uploads_and_says_3d_is_not_served(served, tmp_path):
+def test_3d_tab_renders_examples_and_uploads(served, tmp_path):
     _, client, _ = served
     from gradio_client import handle_file
 
     cleared, fig, caption = client.predict("sphere", api_name="/show_example")
     assert cleared is None and "scatter3d" in json.dumps(fig) and "4,096 points" in caption
+    _, fig, caption = client.predict("test scene 1", api_name="/show_example")  # a held-out scene of vision.scene3d
+    assert "1,024 points" in caption and "How many objects are there?* → four" in caption
     np.save(tmp_path / "line.npy", np.stack([np.linspace(0, 1, 50)] * 3, 1))
     fig, caption = client.predict(handle_file(str(tmp_path / "line.npy")), "cube", api_name="/show_upload")
     assert "scatter3d" in json.dumps(fig) and "50 points" in caption
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     _, caption = client.predict(handle_file(str(tmp_path / "bad.npy")), "cube", api_name="/show_upload")
     assert "Cannot read this file" in caption
+
+
+def test_3d_tab_answers_with_the_gates_count_as_the_api_does(served, tmp_path):
+    srv, client, _ = served
+    from gradio_client import handle_file
+
+    cloud = points.example("two boxes")
+    (tmp_path / "boxes.ply").write_bytes(points.to_ply(cloud))
+    answer, info = client.predict(handle_file(str(tmp_path / "boxes.ply")), "cube", "tiny-3d", "how many boxes?", 6,
+                                  "", api_name="/ask_points")
+    # the same question straight to the API: greedy decoding, so the same words and the same gate counts
+    body = post_json(f"{srv.http_url}/v1/chat/completions", {
+        "model": "tiny-3d", "max_tokens": 6, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "how many boxes?"},
+            {"type": "point_cloud_url", "point_cloud_url": {"url": points.data_url(points.read_ply(points.to_ply(cloud)))}}]}]})
+    usage = body["usage"]
+    assert usage["spatial_tokens_total"] == 12 and usage["spatial_tokens_kept"] == 6
+    assert answer == body["choices"][0]["message"]["content"]
+    assert f"spatial tokens kept: {usage['spatial_tokens_kept']} of {usage['spatial_tokens_total']}" in info, info
+    # "default" with a cloud reaches the model that takes clouds; the image model refuses it and the tab says so
+    answer, info = client.predict(None, "two boxes", None, "how many boxes?", 4, "", api_name="/ask_points")
+    assert "spatial tokens kept: 6 of 12" in info, info
     answer, info = client.predict(None, "two boxes", "tiny", "how many boxes?", 8, "", api_name="/ask_points")
-    assert answer == "" and NOT_SERVED_3D in info and "point_cloud_url" in info  # the server's 400, explained
+    assert answer == "" and NOT_A_3D_MODEL in info and "point_clouds_not_supported" not in info, info
 
 
 def test_voice_tab_speaks_typed_text_and_streams_a_recording_as_the_microphone(served, tmp_path):

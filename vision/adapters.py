@@ -263,3 +263,9 @@ class AdapterManager:
             ctx.slot_ranks_host[slot] = 0
         for layer in self.layers.values():
             layer.reset_lora(slot)
+
+
+if __name__ == "__main__":  # python -m vision.adapters generate | evaluate (the generator: vision/adapter_gen.py)
+    from vision.adapter_gen import main
+
+    main()

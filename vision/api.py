@@ -69,7 +69,9 @@ def build_router(services: VisionService | Sequence[VisionService], auth: Callab
     router = APIRouter(dependencies=deps)
 
     def every_model() -> list[dict[str, Any]]:
-        return [m for svc in all_services for m in svc.models()]
+        """Every base model and adapter; ``input_modalities`` (our extension) says what content parts it takes."""
+        return [{**m, "input_modalities": ["text", "point_cloud" if svc.takes_clouds else "image"]}
+                for svc in all_services for m in svc.models()]
 
     def route(name: str, messages: list[dict[str, Any]]) -> tuple[VisionService, str | None]:
         """The service and adapter a request goes to: by model name; point clouds naming "default" go to the

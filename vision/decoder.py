@@ -12,13 +12,13 @@ Shapes: T packed tokens; S cache slots; L max positions; Hq / Hkv query / key-va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,16 @@ class Segment:
 
     ``pos_offset``: rotary position minus cache index. Zero normally; positive after tokens were pruned
     from the cache at prefill (3D token gating keeps the survivors' original positions, so later tokens
-    continue from the unpruned length).
+    continue from the unpruned length), and Qwen2-VL's ``rope_delta`` when decoding after an image.
+    ``positions``: explicit M-RoPE positions (temporal, height, width rows) of a prompt chunk holding
+    image tokens; the step then carries (3, T) positions, other segments repeating theirs in each row.
     """
 
     slot: int
     start: int
     length: int
     pos_offset: int = 0
+    positions: Tensor | None = field(default=None, compare=False)  # (3, length) M-RoPE rows of a prompt chunk
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class PackedStep:
     """What one forward computes, built once per step (host-side lists become a few small tensors)."""
 
     segments: tuple[Segment, ...]
-    positions: Tensor  # (T,) int64 rotary position of each packed token
+    positions: Tensor  # (T,) int64 rotary position of each packed token, or (3, T) with M-RoPE segments
     prefill: tuple[int, ...]  # indices into segments with length > 1 (or a first token)
     decode: tuple[int, ...]  # indices of single-token continuations
     decode_slots: Tensor  # (B_dec,) int64
@@ -58,6 +61,8 @@ class PackedStep:
         for i, s in enumerate(segments):
             if s.length < 1:
                 raise ValueError("a segment must hold at least one token")
+            if s.positions is not None and tuple(s.positions.shape) != (3, s.length):
+                raise ValueError(f"a segment's positions must be (3, {s.length}), not {tuple(s.positions.shape)}")
             pos.extend(range(s.start + s.pos_offset, s.start + s.pos_offset + s.length))
             offsets.append(offset)
             offset += s.length
@@ -69,8 +74,14 @@ class PackedStep:
             starts = as_long([segments[i].start for i in dec])
             end = max(segments[i].start for i in dec) + 1
             decode_mask = (torch.arange(end, device=device).unsqueeze(0) <= starts.unsqueeze(1))[:, None, None, :]
+        positions = as_long(pos)
+        if any(s.positions is not None for s in segments):
+            positions = positions.expand(3, -1).clone()
+            for s, o in zip(segments, offsets, strict=True):
+                if s.positions is not None:
+                    positions[:, o:o + s.length] = s.positions.to(device)
         return PackedStep(
-            tuple(segments), as_long(pos), tuple(pre), tuple(dec),
+            tuple(segments), positions, tuple(pre), tuple(dec),
             as_long([segments[i].slot for i in dec]), as_long([segments[i].start for i in dec]), as_long(rows),
             tuple(offsets), as_long([offsets[i] for i in dec]), decode_mask,
         )
@@ -124,7 +135,7 @@ class PackedDecoder(nn.Module):
     def forward(self, embeds: Tensor, step: PackedStep, cache: KVCache) -> Tensor:
         """(T, d) input embeddings → (n_segments, vocab) logits of each segment's last token."""
         x = embeds.unsqueeze(0)  # (1, T, d): HF's rotary module wants a batch dim
-        cos, sin = self.rotary_emb(x, step.positions.unsqueeze(0))  # (1, T, D)
+        cos, sin = self.rotary_emb(x, step.positions.unsqueeze(-2))  # (1, T, D); M-RoPE: (3, 1, T) in
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, D)
         h = embeds
         for li, layer in enumerate(self.layers):

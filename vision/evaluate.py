@@ -11,14 +11,16 @@ image loader, the continuous-batching scheduler, the packed decoder — for thes
 ``text_accuracy`` / ``image_accuracy_mma``  with the MM-Adapters and the router (mma.safetensors)
 ``text_accuracy_shared`` / ``image_accuracy_shared``  with one shared adapter, no router (mma_shared)
 ``image_accuracy``         the model as served by default: the MM-Adapters when trained, else the projector
-``routing_accuracy``       share of (request, layer) routing decisions that go to the request's modality's path
+``routing_accuracy``       share of (request, layer) routing decisions that take the request's modality's path
+                           (path 0 text, path 1 image: what training's auxiliary routing loss ties them to)
 ``router_overhead``        extra time of a decode step with the router over one with a single shared adapter,
                            as a fraction of the plain step (``mma_overhead``: all adapters over plain)
 =========================  ==========================================================================
 
 Accuracy is exact match after :func:`vision.data.normalize_answer`. Arms whose weights are missing are
 ``null`` with a note. Requests of both modalities are submitted together, so MM-Adapter arms run mixed
-packed batches in which each request has its own routing weights. ``--quick`` answers a few questions
+packed batches in which each request has its own routing weights (the scheduler assigns a request's
+cache slot its modality at admission and releases it at the end). ``--quick`` answers a few questions
 per arm (under a minute on a 2-core CPU).
 """
 
@@ -50,28 +52,11 @@ from vision.data import (
 )
 from vision.decoder import PackedStep, Segment
 from vision.images import ImageLimits, load_image
-from vision.mma import IMAGE, TEXT, attach_to_decoder, load_mma, remove_mma
+from vision.mma import IMAGE, TEXT, attach_to_decoder, attach_visual, load_mma, remove_mma
 from vision.model import IMAGE_PLACEHOLDER, MMA_FILE, PROJECTOR_FILE, VisionLanguageModel
 from vision.scheduler import Event, GenRequest, SamplingParams, Scheduler, SchedulerConfig
 
 SHARED_FILE = MMA_FILE.with_name("mma_shared.safetensors")
-
-
-class _Scheduler(Scheduler):
-    """The serving scheduler, plus the MM-Adapter hook it needs: at admission (the start of prefill) a
-    request's cache slot takes its modality's routing weights; decoding reuses them. (To move into
-    vision/scheduler.py: ``_admit`` calls ``model.mma.assign``, ``_finish`` calls ``model.mma.release``.)"""
-
-    def _admit(self) -> None:
-        super()._admit()
-        if self.model.mma is not None:
-            for r in self._running:
-                self.model.mma.assign(r.cache_slot, IMAGE if r.prompt.images else TEXT)
-
-    def _finish(self, r: GenRequest, event: Event | None) -> None:
-        if self.model.mma is not None and r.cache_slot >= 0:
-            self.model.mma.release(r.cache_slot)
-        super()._finish(r, event)
 
 
 @dataclass
@@ -92,7 +77,7 @@ def answer_all(model: VisionLanguageModel, examples: list[Example], folder: Path
                max_running: int = 16) -> list[Answer]:
     """Greedy answers through the scheduler, every example submitted at once (mixed modalities)."""
     limits = ImageLimits(allowed_dir=Path(folder))
-    sched = _Scheduler(model, None, None, SchedulerConfig(max_running=max_running, max_len=512,
+    sched = Scheduler(model, None, None, SchedulerConfig(max_running=max_running, max_len=512,
                                                            max_waiting=max(256, len(examples))))
     texts: dict[int, list[str]] = defaultdict(list)
     done = [threading.Event() for _ in examples]
@@ -143,28 +128,25 @@ def by_task(answers: list[Answer]) -> dict[str, float]:
 
 def routing_accuracy(model: VisionLanguageModel, examples: list[Example]) -> dict[str, Any]:
     """Each request's routing weights (what its slot is assigned at prefill) → its decision in every layer
-    (the path it weights most). A modality's path in a layer is the one its requests weight most on
-    average; a decision is right when it takes its modality's path and the two modalities' paths differ."""
+    (the path it weights most). Training ties path m to modality m (the auxiliary routing loss: text → 0,
+    image → 1), so a decision is right when it takes its request's modality's path."""
     mma = model.mma
+    if not mma.cfg.routed or mma.cfg.paths < mma.cfg.modalities:
+        return {"routing_accuracy": None}
     table = mma.table()  # (L, M + 1, P)
     mods = torch.tensor([IMAGE if ex.image else TEXT for ex in examples])
-    w = table[:, mods].float()  # (L, N, P): the weights each request is served with
-    path = {m: w[:, mods == m].mean(1).argmax(-1) for m in (TEXT, IMAGE) if (mods == m).any()}  # (L,)
-    if len(path) < 2:
-        return {"routing_accuracy": None}
-    separated = path[TEXT] != path[IMAGE]  # (L,)
-    decision = w.argmax(-1)  # (L, N)
-    right = torch.stack([(decision[:, i] == path[int(m)]) & separated for i, m in enumerate(mods)], dim=1)
-    image_w = table[:, IMAGE].float()
-    text_w = table[:, TEXT].float()
-    return {"routing_accuracy": float(right.float().mean()), "layers_separated": int(separated.sum()),
-            "layers": int(separated.numel()),
-            "routing_margin": float((image_w - text_w).abs().max(-1).values.mean())}
+    decision = table[:, mods].float().argmax(-1)  # (L, N)
+    right = decision == mods[None]
+    image_w, text_w = table[:, IMAGE].float(), table[:, TEXT].float()
+    return {"routing_accuracy": float(right.float().mean()),
+            "layers_separated": int((image_w.argmax(-1) != text_w.argmax(-1)).sum()), "layers": int(table.shape[0]),
+            "routing_weight_own_path": {"text": float(text_w[:, TEXT].mean()), "image": float(image_w[:, IMAGE].mean())}}
 
 
 @dataclass
 class AdapterArm:
-    """Loaded MM-Adapters kept off the model between uses: their wrapped norms, put in and taken out."""
+    """Loaded MM-Adapters kept off the model between uses: their wrapped norms, put in and taken out
+    (with the visual adapter's hook on the projector, when they have one)."""
 
     mma: Any
     norms: list[Any]
@@ -177,15 +159,19 @@ class AdapterArm:
         remove_mma(layers)
         return cls(mma, norms)
 
-    def install(self, model: VisionLanguageModel) -> Any:
+    def install(self, model: VisionLanguageModel) -> list[Any]:
         for layer, norm in zip(model.decoder.layers, self.norms, strict=True):
             layer.input_layernorm = norm
         model.mma = self.mma
-        return attach_to_decoder(self.mma, model.decoder)
+        hooks = [attach_to_decoder(self.mma, model.decoder)]
+        if self.mma.visual is not None:
+            hooks.append(attach_visual(self.mma, model.encoder.projector))
+        return hooks
 
     @staticmethod
-    def uninstall(model: VisionLanguageModel, hook: Any) -> None:
-        hook.remove()
+    def uninstall(model: VisionLanguageModel, hooks: list[Any]) -> None:
+        for hook in hooks:
+            hook.remove()
         remove_mma(model.decoder.layers)
         model.mma = None
 
@@ -203,7 +189,7 @@ def decode_step_ms(model: VisionLanguageModel, arms: dict[str, AdapterArm | None
     times: dict[str, list[float]] = {name: [] for name in arms}
     for rep in range(repeats + 3):
         for name, arm in arms.items():
-            hook = arm.install(model) if arm is not None else None
+            hooks = arm.install(model) if arm is not None else None
             if arm is not None:
                 for s in range(batch):
                     arm.mma.assign(s, IMAGE if s % 2 else TEXT)
@@ -214,7 +200,7 @@ def decode_step_ms(model: VisionLanguageModel, arms: dict[str, AdapterArm | None
             if rep >= 3:
                 times[name].append((time.perf_counter() - t0) * 1e3)
             if arm is not None:
-                AdapterArm.uninstall(model, hook)
+                AdapterArm.uninstall(model, hooks)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -276,7 +262,7 @@ def evaluate(folder: Path, split: str = "test", n_image: int | None = None, n_te
                                 f"(python -m vision.train --stage mma{' --paths 1' if key == 'shared' else ''})")
             continue
         arm = loaded[key] = AdapterArm.load(model, path)
-        hook = arm.install(model)
+        hooks = arm.install(model)
         try:
             say(f"arm: {key} ({path})")
             ans = run(key, texts + images)
@@ -287,7 +273,7 @@ def evaluate(folder: Path, split: str = "test", n_image: int | None = None, n_te
                 res["examples_mma"] = [{"q": a.example.question, "want": a.example.answer, "got": a.text}
                                        for a in ans[:6]]
         finally:
-            AdapterArm.uninstall(model, hook)
+            AdapterArm.uninstall(model, hooks)
     res["image_accuracy"] = res["image_accuracy_mma"] if res["image_accuracy_mma"] is not None else res["image_accuracy_projector"]
     res.setdefault("routing_accuracy", None)
     ms = decode_step_ms(model, {"plain": None, **loaded}, repeats=10 if quick else 40)

@@ -5,7 +5,8 @@ One :class:`MMAdapter` sits before self-attention in every decoder layer (it wra
 
     z  = input_layernorm(h)                                 # (…, d)
     z' = z + s · Σ_k w_k · U_k(drop(A z))                   # A: d→r shared; U_0, U_1: r→d, zero at init
-    w  = softmax((W z0 + b) / τ)                            # z0: the same layer's z at the modality token
+    w  = softmax((W z0 + b) / τ)                            # z0: the modality token's normed state at
+                                                            #     layer ``route_layer`` (0 by default)
 
 The *modality token* is a learned embedding, one for text-only requests and one for image+text ones,
 placed before the prompt; no other token attends to it and it gets no loss. Since it is first and
@@ -17,6 +18,36 @@ relative positions). At serving time a request's routing weights are taken at it
 (:meth:`assign`: its cache slot gets its modality) and reused for every token it decodes; a packed step
 mixing text-only and image requests gives each token its own request's weights. Slots never assigned
 get zero weights: the adapters leave them alone, i.e. the plain model.
+
+**Which state the router reads.** The paper routes each layer from that layer's state of the modality
+token. In SmolLM2 that state stops carrying the modality after a few layers: the first position is the
+model's attention sink and takes the same massive activations whatever its embedding, so after the
+input layernorm the text and image tokens' states are nearly parallel (cosine similarity, for two random
+embeddings of the embedding table's scale: 0.10 at layer 0, 0.80 at layer 1, above 0.99 from layer 3
+and 0.9999 from layer 12 on), and a router there can only output the same weights for both (the first
+trained run: routing accuracy 0.10). ``route_layer=0`` (the default) routes every layer from the modality token's normed
+state at the first layer, where the two embeddings are still apart; ``route_layer=None`` is the paper's
+literal form. Either way the weights are a function of the modality alone, computed once per modality.
+
+**Which path is which.** The two paths are symmetric, so nothing in the answer loss ties path 1 to
+images; training adds a small auxiliary routing loss (:meth:`MixtureOfModalityAdapters.routing_loss`:
+cross-entropy of each layer's routing weights toward path = modality, the modality being known), which
+is what makes "routing accuracy" (the share of decisions that take the modality's path) well defined.
+vision/train.py fits the routers to it first (:func:`vision.train.fit_router`, a second: no LM forward),
+so that from the first step each up-projection learns from its own modality only.
+
+**In the layer's own scale.** ``gain_scaled=True`` multiplies each adapter's output by its layernorm's
+gain, i.e. the adapter acts on the unit-RMS state before the gain (``g ⊙ (n + s·Σ w_k U_k(A z))``).
+SmolLM2's first-layer gain is ~0.03 (the others 0.16–0.41): without the scaling, AdamW's lr-sized steps
+on the up-projections and their biases are large against that layer's inputs, and the image questions
+(whose loss the stage-1 projector already made small, so their gradients are small and noisy) lost
+exact match from the first steps even on a path of their own (val exact match at step 50: 0.30 vs
+0.47 with the scaling, from 0.55 before training).
+
+**The vision side.** LaVIN also puts adapters in the vision encoder's blocks. Here the encoder is frozen
+and its features are cached for training, so the practical version is one adapter *after* the encoder:
+``visual_rank > 0`` adds :class:`VisualAdapter` (``f + U gelu(D f)``, U zero at init) on the 1280-d
+features before the projector, applied with a forward pre-hook on the projector (:func:`attach_visual`).
 
 ``MMAConfig(paths=1)`` is the baseline of the paper's ablation: a single shared adapter, no router.
 Shapes: L layers, M modalities, P paths (up-projections), T packed tokens, S cache slots.
@@ -44,10 +75,18 @@ class MMAConfig:
     scale: float = 1.0  # s
     dropout: float = 0.1  # on A z, while training
     modalities: int = 2  # modality tokens: TEXT, IMAGE
+    route_layer: int | None = 0  # the router reads the modality token's state here (None: each layer's own)
+    visual_rank: int = 0  # width of the adapter on the image encoder's features (0 = none)
+    feature_dim: int = 1280  # the image encoder's feature width (EfficientNet-Lite0)
+    gain_scaled: bool = False  # the adapter's output times the layernorm's gain (its updates in the layer's scale)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.paths < 1 or self.modalities < 1:
             raise ValueError("rank, paths and modalities must be at least 1")
+        if self.route_layer is not None and self.route_layer < 0:
+            raise ValueError("route_layer must be a layer index (or None: each layer's own state)")
+        if self.visual_rank < 0:
+            raise ValueError("visual_rank must be >= 0")
         if self.temperature <= 0:
             raise ValueError("the router's temperature must be positive")
         if not 0.0 <= self.dropout < 1.0:
@@ -73,12 +112,17 @@ class MMAdapter(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def route(self, z0: Tensor) -> Tensor:
-        """(…, d) normed hidden state at the modality token → (…, P) routing weights."""
-        logits = F.linear(z0, self.router.weight.to(z0.dtype), self.router.bias.to(z0.dtype))
+        """(…, d) normed hidden state at the modality token → (…, P) routing weights. The router reads it
+        at unit RMS: SmolLM2's first-layer norm gain is ~0.03, and at that scale a router learns its
+        logits ~30x slower (weights of 0.58 after 100 steps, i.e. no routing at all)."""
+        z0 = z0.float()
+        z0 = z0 * torch.rsqrt(z0.pow(2).mean(-1, keepdim=True) + 1e-6)
+        logits = F.linear(z0, self.router.weight.float(), self.router.bias.float())
         return torch.softmax(logits.float() / self.cfg.temperature, dim=-1)
 
-    def forward(self, z: Tensor, w: Tensor | None) -> Tensor:
-        """z (…, d); w (…, P) broadcastable to z's leading dims, or None with one path."""
+    def forward(self, z: Tensor, w: Tensor | None, gain: Tensor | None = None) -> Tensor:
+        """z (…, d); w (…, P) broadcastable to z's leading dims, or None with one path; ``gain`` (d,): the
+        layernorm's weight, multiplied into the output when ``cfg.gain_scaled``."""
         h = self.drop(F.linear(z, self.down.weight.to(z.dtype), self.down.bias.to(z.dtype)))  # (…, r)
         P, r, d = self.up.shape
         up, bias = self.up.to(z.dtype), self.up_bias.to(z.dtype)
@@ -89,7 +133,23 @@ class MMAdapter(nn.Module):
             # Σ_k w_k (h U_k + b_k) as one product: [w_0 h, …, w_P h] (…, P·r) @ [U_0; …; U_P] (P·r, d)
             hw = (w.unsqueeze(-1) * h.unsqueeze(-2)).expand(*z.shape[:-1], P, r)
             delta = hw.reshape(*z.shape[:-1], P * r) @ up.reshape(P * r, d) + w.expand(*z.shape[:-1], P) @ bias
+        if self.cfg.gain_scaled and gain is not None:
+            delta = delta * gain.to(z.dtype)
         return z + self.cfg.scale * delta
+
+
+class VisualAdapter(nn.Module):
+    """``f + U gelu(D f)`` on the image encoder's features (…, F); U zero at init (identity)."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return f + self.up(F.gelu(self.down(f)))
 
 
 @dataclass
@@ -109,10 +169,11 @@ class AdaptedNorm(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         z = self.norm(h)
+        gain = getattr(self.norm, "weight", None)
         if self.adapter.router is None:
-            return self.adapter(z, None)
+            return self.adapter(z, None, gain)
         w = self.state.weights
-        return z if w is None else self.adapter(z, w[self.layer])
+        return z if w is None else self.adapter(z, w[self.layer], gain)
 
 
 class MixtureOfModalityAdapters(nn.Module):
@@ -124,6 +185,8 @@ class MixtureOfModalityAdapters(nn.Module):
         self.cfg = cfg
         self.adapters = nn.ModuleList(MMAdapter(dim, cfg) for _ in layers)
         self.modality = nn.Parameter(torch.randn(cfg.modalities, dim) * embed_std)  # (M, d)
+        self.visual = VisualAdapter(cfg.feature_dim, cfg.visual_rank) if cfg.visual_rank else None
+        self.visual_enabled = True  # the scheduler turns it off for a LoRA adapter's request (attach_visual)
         self.state = MMAState()
         self._layers = [layers]  # not a submodule: the LM's weights are not ours to save
         self._table: Tensor | None = None  # (L, M + 1, P): row M (unassigned) is zero
@@ -144,15 +207,33 @@ class MixtureOfModalityAdapters(nn.Module):
         h = self.modality[modalities]  # (N, d)
         p = next(self.layers.parameters())
         h = h.to(p.dtype)
+        k = self.cfg.route_layer
+        if k is not None:
+            if k >= len(self.layers):
+                raise ValueError(f"route_layer {k} is past the last of {len(self.layers)} layers")
+            for layer in self.layers[:k]:  # the modality token's forward up to layer k, adapters off
+                h = _one_token_layer(layer, h, layer.input_layernorm.norm(h))
+            z = self.layers[k].input_layernorm.norm(h)  # (N, d)
+            return torch.stack([layer.input_layernorm.adapter.route(z) for layer in self.layers])
         out = []
         for layer in self.layers:
             norm: AdaptedNorm = layer.input_layernorm
             z = norm.norm(h)
             w = norm.adapter.route(z)  # (N, P)
             out.append(w)
-            h = h + _self_attention_of_one_token(layer.self_attn, norm.adapter(z, w))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = _one_token_layer(layer, h, norm.adapter(z, w, getattr(norm.norm, "weight", None)))
         return torch.stack(out)
+
+    def routing_loss(self, weights: Tensor | None = None) -> Tensor:
+        """Auxiliary loss: cross-entropy of every layer's routing weights toward path = modality (text →
+        path 0, image → path 1). ``weights``: :meth:`route` of every modality, (L, M, P), or None."""
+        M = self.cfg.modalities
+        if not self.cfg.routed or self.cfg.paths < M:
+            raise ValueError("the routing loss needs a router with a path per modality")
+        if weights is None:
+            weights = self.route(torch.arange(M, device=self.modality.device))
+        m = torch.arange(M, device=weights.device)
+        return -weights[:, m, m].clamp_min(1e-9).log().mean()
 
     def table(self) -> Tensor:
         """(L, M + 1, P) routing weights of every modality (and zeros for "unassigned"), cached."""
@@ -205,6 +286,12 @@ class MixtureOfModalityAdapters(nn.Module):
         save_file(tensors, str(path), metadata={"mma_config": json.dumps(asdict(self.cfg))})
 
 
+def _one_token_layer(layer: nn.Module, h: Tensor, z: Tensor) -> Tensor:
+    """One decoder layer on N independent one-token sequences (N, d); ``z`` is the (adapted) normed ``h``."""
+    h = h + _self_attention_of_one_token(layer.self_attn, z)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def _self_attention_of_one_token(attn: nn.Module, z: Tensor) -> Tensor:
     """(N, d) → (N, d): attention of N independent single-token sequences (softmax over one key = 1)."""
     n_kv = attn.config.num_key_value_heads
@@ -243,6 +330,20 @@ def attach_to_decoder(mma: MixtureOfModalityAdapters, decoder: nn.Module) -> Any
     Returns the hook's handle (``.remove()`` detaches it).
     """
     return decoder.register_forward_pre_hook(mma._decoder_pre_hook)
+
+
+def attach_visual(mma: MixtureOfModalityAdapters, projector: nn.Module) -> Any:
+    """Run the MM-Adapters' :class:`VisualAdapter` on the image features before ``projector`` (the
+    projector's own weights and state-dict keys stay as they are). Returns the hook's handle, or None
+    when these adapters have no visual part."""
+    if mma.visual is None:
+        return None
+    def hook(_module: nn.Module, args: tuple) -> tuple | None:
+        if not mma.visual_enabled:  # a LoRA adapter's request: the plain features it was trained on
+            return None
+        return (mma.visual(args[0].to(mma.visual.up.weight.dtype)).to(args[0].dtype), *args[1:])
+
+    return projector.register_forward_pre_hook(hook)
 
 
 def load_mma(path: Path, layers: nn.ModuleList, device: Any = None, dtype: torch.dtype | None = None

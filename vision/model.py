@@ -7,7 +7,8 @@
   initialisation and image answers are meaningless, which ``describe()`` says.
 * a local folder (or a hub name in the local cache) holding a Hugging Face LLaVA-style model
   (``LlavaForConditionalGeneration``): its vision tower and projector through ``get_image_features``,
-  its language model through our packed decoder.
+  its language model through our packed decoder; or a Qwen2-VL / Qwen2.5-VL one (vision/qwen2vl.py:
+  images of any size, M-RoPE positions).
 
 Images enter the prompt where the messages place them: the chat template is rendered with a private
 placeholder per image, and the projected image features are spliced in there (LLaVA's merge).
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lm.loading import DEFAULT_LM, load_causal_lm, resolve_dtype
+from lm.loading import DEFAULT_LM, load_causal_lm, resolve_dtype, stop_token_ids
 from vision.decoder import PackedDecoder
 
 log = logging.getLogger(__name__)
@@ -118,15 +119,24 @@ class HFLlavaEncoder:
 
 @dataclass
 class Prompt:
-    """A rendered chat prompt: text pieces between images, and the images in order."""
+    """A rendered chat prompt: text pieces between images, and the images in order.
+
+    Models whose images vary in length or whose rotary positions are not 0..T−1 (Qwen2-VL's M-RoPE,
+    vision/qwen2vl.py) fill the optional fields; the scheduler passes them to the decoder.
+    """
 
     pieces: list[list[int]]  # len(images) + 1 token-id lists
     images: list[Image.Image]
     tokens_per_image: int
+    image_lengths: list[int] | None = None  # per image, when it varies (else tokens_per_image each)
+    positions: Tensor | None = None  # (3, length) M-RoPE positions of the prompt; None = 0..length-1
+    rope_delta: int = 0  # rotary position minus cache index of every decoded token
+    pixels: Any = None  # the image processor's output, kept from build_prompt for embed_prompt
 
     @property
     def length(self) -> int:
-        return sum(len(p) for p in self.pieces) + len(self.images) * self.tokens_per_image
+        images = sum(self.image_lengths) if self.image_lengths is not None else len(self.images) * self.tokens_per_image
+        return sum(len(p) for p in self.pieces) + images
 
 
 class VisionLanguageModel:
@@ -175,15 +185,7 @@ class VisionLanguageModel:
         return self.decoder.embed_tokens(ids)
 
 
-def _stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(generation_config, "eos_token_id", None)
-    ids |= set(gen) if isinstance(gen, list) else {gen}
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return {i for i in ids if i is not None}
+_stop_ids = stop_token_ids  # (the name other vision modules import)
 
 
 def load_vlm(name_or_path: str | Path = DEFAULT_VLM, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -202,11 +204,12 @@ def load_vlm(name_or_path: str | Path = DEFAULT_VLM, device: str = "cpu", dtype:
         vlm = VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
                                   _stop_ids(tokenizer, hf_lm.generation_config), note)
         if MMA_FILE.is_file():  # issue 5: MM-Adapters as a transform on the built model (vision/mma.py)
-            from vision.mma import attach_to_decoder, load_mma
+            from vision.mma import attach_to_decoder, attach_visual, load_mma
 
             vlm.mma = load_mma(MMA_FILE, vlm.decoder.layers, device, dtype)
-            attach_to_decoder(vlm.mma, vlm.decoder)
-            vlm.note += f"; MM-Adapters {MMA_FILE.name} (routing needs the scheduler to assign each request's modality)"
+            attach_to_decoder(vlm.mma, vlm.decoder)  # each request's routing weights: its slot's modality
+            attach_visual(vlm.mma, encoder.projector)  # the adapter on the image features, when trained
+            vlm.note += f"; MM-Adapters {MMA_FILE.name} (the scheduler gives each request its modality's routing)"
         return vlm
     return _load_hf_llava(name_or_path, device, dtype)
 
@@ -220,9 +223,15 @@ def _load_hf_llava(name_or_path: str | Path, device: str, dtype: torch.dtype) ->
     except OSError as e:
         raise FileNotFoundError(f"cannot load the vision-language model {src!r} offline: not a local folder in "
                                 f"the Hugging Face format nor in the local cache (no download is attempted). ({e})") from None
+    from vision.qwen2vl import MODEL_TYPES as QWEN_TYPES
+
+    if config.model_type in QWEN_TYPES:
+        from vision.qwen2vl import load_qwen2vl
+
+        return load_qwen2vl(src, device, dtype, _stop_ids)
     if config.model_type != "llava":
-        raise ValueError(f"model type {config.model_type!r} is not served yet: LLaVA-style models (model_type 'llava') "
-                         "and the embedded default are")
+        raise ValueError(f"model type {config.model_type!r} is not served: LLaVA-style ('llava'), Qwen2-VL-style "
+                         f"({', '.join(map(repr, QWEN_TYPES))}) models and the embedded default are")
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=dtype, local_files_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(src, local_files_only=True)

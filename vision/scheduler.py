@@ -25,6 +25,8 @@ import torch
 
 from vision.adapters import AdapterError, AdapterManager
 from vision.decoder import PackedStep, Segment
+from vision.detokenize import IncrementalDetokenizer
+from vision.mma import IMAGE, TEXT
 from vision.model import Prompt, VisionLanguageModel
 from vision.orchestrator import Mode, Orchestrator, Plan
 
@@ -81,6 +83,7 @@ class GenRequest:
     gate: Any = None  # a vision.gate3d.GatePolicy: prefill prunes the prompt's spatial tokens
     gate_stats: dict[str, int] = field(default_factory=dict)  # spatial tokens kept / total, for the usage
     out_ids: list[int] = field(default_factory=list)
+    detok: IncrementalDetokenizer | None = None  # the answer's text, decoded a window at a time
     sent_chars: int = 0
     generator: torch.Generator | None = None
 
@@ -110,6 +113,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
+        """Start the scheduler thread; after :meth:`stop`, a new start serves again."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._cv:
+            self._stop = False
         self._thread = threading.Thread(target=self._loop, name="vision-scheduler", daemon=True)
         self._thread.start()
 
@@ -263,6 +271,10 @@ class Scheduler:
                     continue
                 r.adapter_slot = slot
             r.cache_slot = self._free_slots.pop()
+            mma = getattr(self.model, "mma", None)
+            if mma is not None and r.adapter is None:  # the slot takes its modality's routing (prefill and decode)
+                mma.assign(r.cache_slot, IMAGE if r.prompt.images else TEXT)
+            # a LoRA adapter's request keeps the slot unassigned: the plain model its adapter was trained on
             self._running.append(r)
         self._waiting = deque(sorted(keep, key=lambda q: q.arrived))
 
@@ -287,6 +299,8 @@ class Scheduler:
         for r in batch:
             if r.embeds is None and r.prefilled == 0:
                 try:
+                    if getattr(model, "mma", None) is not None:  # the image-feature adapter: as the routing above
+                        model.mma.visual_enabled = r.adapter is None
                     r.embeds = model.embed_prompt(r.prompt)
                 except Exception as e:  # noqa: BLE001 - e.g. an image the encoder rejects
                     self._finish(r, Event("error", text=f"cannot encode the prompt: {e}", code="invalid_request"))
@@ -300,10 +314,13 @@ class Scheduler:
                     continue
                 n = min(total - r.prefilled, budget)
                 budget -= n
-                segments.append(Segment(r.cache_slot, r.prefilled, n))
+                mrope = getattr(r.prompt, "positions", None)  # Qwen2-VL: (3, length) positions of the prompt
+                segments.append(Segment(r.cache_slot, r.prefilled, n, positions=None if mrope is None
+                                        else mrope[:, r.prefilled:r.prefilled + n]))
                 chunks.append(r.embeds[r.prefilled:r.prefilled + n])
                 r.prefilled += n
                 r.cache_len += n
+                r.pos_offset = getattr(r.prompt, "rope_delta", 0)  # decoded tokens: cache index + delta
             else:
                 segments.append(Segment(r.cache_slot, r.cache_len, 1, r.pos_offset))
                 r.cache_len += 1
@@ -383,15 +400,18 @@ class Scheduler:
     def _advance(self, r: GenRequest) -> None:
         tok = r.out_ids[-1]
         stop_tok = tok in self.model.stop_ids and not r.params.ignore_eos
-        ids = r.out_ids[:-1] if stop_tok else r.out_ids
-        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
-        finish = "stop" if stop_tok else ""
-        for s in r.params.stop:
-            cut = text.find(s)
+        if r.detok is None:
+            r.detok = IncrementalDetokenizer(self.model.tokenizer)
+        if not stop_tok:
+            r.detok.push(tok)
+        finish = "stop" if stop_tok else ("length" if len(r.out_ids) >= r.params.max_tokens else "")
+        if finish:
+            r.detok.flush()
+        text = r.detok.text
+        for s in r.params.stop:  # what was sent holds no stop string: look from just before it
+            cut = text.find(s, max(0, r.sent_chars - len(s) + 1))
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        if not finish and len(r.out_ids) >= r.params.max_tokens:
-            finish = "length"
         held = 0 if finish else _held_back(text, r.params.stop)
         new = text[r.sent_chars:len(text) - held]
         if new:
@@ -406,6 +426,8 @@ class Scheduler:
         if r in self._running:
             self._running.remove(r)
             self._free_slots.append(r.cache_slot)
+            if getattr(self.model, "mma", None) is not None:
+                self.model.mma.release(r.cache_slot)  # an unassigned slot: the plain model
             if r.adapter is not None and r.adapter_slot >= 0:
                 self.adapters.release(r.adapter)
         r.cache_slot = r.adapter_slot = -1

@@ -18,11 +18,14 @@ from typing import Any
 from vision.adapters import AdapterError, AdapterManager
 from vision.images import ImageError, ImageLimits, load_image
 from vision.lora_linear import LoRAContext, wrap_decoder_layers
-from vision.model import DEFAULT_VLM, IMAGE_PLACEHOLDER, Prompt, VisionLanguageModel, load_vlm
+from vision.model import DEFAULT_VLM, IMAGE_PLACEHOLDER, WEIGHTS, Prompt, VisionLanguageModel, load_vlm
 from vision.orchestrator import Orchestrator, OrchestratorConfig
 from vision.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
+
+# issue 6: the adapters generated for the default model (python -m vision.adapters generate), served by default
+DEFAULT_ADAPTER_DIR = WEIGHTS / "adapters"
 
 
 @dataclass
@@ -270,9 +273,15 @@ def _cloud_format(header: str, raw: bytes) -> str | None:
 
 
 def build_vision_service(settings: Any, device: str) -> VisionService:
-    """The service the server's settings describe (``realtime.config.Settings``'s vision fields)."""
+    """The service the server's settings describe (``realtime.config.Settings``'s vision fields).
+
+    Without an ``adapter_dir`` the default model comes with its generated adapters (vision/weights/adapters);
+    ``adapter_dir="none"`` serves no adapters at start."""
+    adapter_dir = settings.adapter_dir or None
+    if adapter_dir is None and settings.vision_model == DEFAULT_VLM and DEFAULT_ADAPTER_DIR.is_dir():
+        adapter_dir = str(DEFAULT_ADAPTER_DIR)
     cfg = VisionServiceConfig(
-        model=settings.vision_model, device=device, adapter_dir=settings.adapter_dir or None,
+        model=settings.vision_model, device=device, adapter_dir=None if adapter_dir == "none" else adapter_dir,
         lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, policy=settings.lora_policy,
         scheduler=SchedulerConfig(max_running=settings.vision_max_running),
     )

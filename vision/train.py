@@ -6,9 +6,11 @@ cross-entropy on the answer tokens (and the closing ``<|im_end|>``) alone. The f
 are read from the data folder's cache, so a step runs the projector and SmolLM2 only.
 
 ``python -m vision.train --stage mma`` — the MM-Adapters and their router (vision/mma.py) in every
-SmolLM2 layer, with the modality tokens, on a mix of image questions and text-only instructions;
-both backbones and (by default) the stage-1 projector stay frozen. ``--paths 1`` trains the paper's
-baseline, one shared adapter without a router.
+SmolLM2 layer, with the modality tokens, and the visual adapter on the image features, on a mix of
+image questions and text-only instructions; both backbones and (by default) the stage-1 projector stay
+frozen. The loss is the answer cross-entropy plus ``--route-loss`` times the auxiliary routing loss
+(text → path 0, image → path 1; see vision/mma.py for why). ``--paths 1`` trains the paper's baseline,
+one shared adapter without a router (and the same visual adapter).
 
 Every run keeps ``OUT/last.pt`` (trainable weights, optimiser, step; ``--resume`` goes on from it),
 logs to ``OUT/log.jsonl`` and writes the trained weights as safetensors (``OUT/projector.safetensors``
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.data import DEFAULT_OUT, QUICK_OUT, DataConfig, Example, build, load_features, load_split
-from vision.mma import IMAGE, TEXT, MixtureOfModalityAdapters, MMAConfig, apply_mma
+from vision.mma import IMAGE, TEXT, MixtureOfModalityAdapters, MMAConfig, apply_mma, attach_visual
 from vision.model import IMAGE_PLACEHOLDER, PROJECTOR_FILE
 
 STAGES = ("projector", "mma")
@@ -54,6 +56,10 @@ class TrainConfig:
     text_fraction: float = 0.35  # share of text-only instructions in a stage-2 batch
     paths: int = 2  # stage 2: up-projections (1 = a single shared adapter, no router)
     temperature: float = 10.0
+    route_loss: float = 1.0  # stage 2: weight of the auxiliary routing loss (0 = answer loss only)
+    route_layer: int | None = 0  # stage 2: the router reads the modality token's state at this layer
+    visual_rank: int = 128  # stage 2: the adapter on the image features (0 = none)
+    gain_scaled: bool = True  # stage 2: adapters' outputs times the layernorm gain (vision/mma.py)
     projector: Path = PROJECTOR_FILE  # stage 2 starts from this projector
     train_projector: bool = False  # stage 2: let the projector learn too (LaVIN trains its visual adapter)
     eval_every: int = 100
@@ -70,6 +76,8 @@ class TrainConfig:
             raise ValueError("steps, batch and lr must be positive")
         if not 0.0 <= self.text_fraction < 1.0:
             raise ValueError("text_fraction must be in [0, 1)")
+        if self.route_loss < 0 or self.visual_rank < 0:
+            raise ValueError("route_loss and visual_rank must be >= 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError("dtype must be bfloat16 or float32")
         self.data, self.out, self.projector = Path(self.data), Path(self.out), Path(self.projector)
@@ -220,6 +228,27 @@ def exact_match(hits: Tensor, rows: Tensor, batch: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------- the run
+def fit_router(mma: MixtureOfModalityAdapters, steps: int = 100, lr: float = 1e-2) -> float:
+    """Before the adapters learn: fit the routers to the auxiliary routing loss alone (text → path 0,
+    image → path 1). Without it the routing starts at 0.5/0.5, so in the first steps both up-projections
+    take the text instructions' gradients (much larger than the image questions', whose loss the stage-1
+    projector already made small) and the image path starts out as a text adapter: the first run lost a
+    third of its train-image exact match by step 50, with the image path alone (hard routing) as bad.
+    It needs no LM forward (the router reads the modality token's state at ``route_layer``): a second or
+    two. Returns the mean weight of each modality's own path after fitting."""
+    params = [p for a in mma.adapters for p in a.router.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = mma.routing_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    mma.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        w = mma.route(torch.arange(mma.cfg.modalities, device=mma.modality.device))
+    return float(w[:, [TEXT, IMAGE], [TEXT, IMAGE]].mean())
+
+
 def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
     """Linear warm-up, then cosine to a tenth. With a time limit, progress is whichever of steps and
     minutes is further along, so a run cut short by a busy CPU still ends at the low rate."""
@@ -280,8 +309,12 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             raise FileNotFoundError(f"{cfg.projector} not found: train the projector first (--stage projector)")
         encoder.load_projector(cfg.projector)
         projector.requires_grad_(cfg.train_projector)
-        mma = apply_mma(lm.model.layers, MMAConfig(paths=cfg.paths, temperature=cfg.temperature),
+        mma = apply_mma(lm.model.layers, MMAConfig(paths=cfg.paths, temperature=cfg.temperature,
+                                                   route_layer=cfg.route_layer, visual_rank=cfg.visual_rank,
+                                                   gain_scaled=cfg.gain_scaled,
+                                                   feature_dim=encoder.feature_dim),
                         embed_std=float(lm.model.embed_tokens.weight.float().std()))
+        attach_visual(mma, projector)
         params = list(mma.parameters()) + (list(projector.parameters()) if cfg.train_projector else [])
     n_params = sum(p.numel() for p in params)
 
@@ -337,11 +370,18 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if mma is not None:
             mma.train()
         out = {"val_loss": sum(losses) / len(losses)}
+        if mma is not None and mma.cfg.routed and mma.cfg.paths >= mma.cfg.modalities:
+            with torch.no_grad():  # mean weight of each modality's own path (text → 0, image → 1)
+                w = mma.route(torch.arange(mma.cfg.modalities))
+            out["route_own_weight"] = float(w[:, [TEXT, IMAGE], [TEXT, IMAGE]].mean())
         for m, name in ((IMAGE, "val_image_match"), (TEXT, "val_text_match")):
             if hits_by[m]:
                 out[name] = sum(hits_by[m]) / len(hits_by[m])
         return out
 
+    if mma is not None and mma.cfg.routed and cfg.route_loss > 0 and step == 0:
+        own = fit_router(mma)
+        print(f"routers fitted first: mean weight of each modality's own path {own:.3f}")
     print(f"stage {cfg.stage}: {n_params:,} trainable parameters; {len(images)} image / {len(texts)} text train "
           f"examples; {cfg.steps} steps of {cfg.batch} from step {step}")
     t0 = time.monotonic()
@@ -361,6 +401,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             g["lr"] = lr_at(step, cfg, t_used + time.monotonic() - t0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = batch_loss(lm, sampler.batch(step), batcher, mma)
+            if mma is not None and mma.cfg.routed and cfg.route_loss > 0:
+                loss = loss + cfg.route_loss * mma.routing_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -427,12 +469,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/vision-STAGE[-quick])")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (projector), 2e-3 (mma)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (both stages)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the frozen LM's dtype")
     p.add_argument("--paths", type=int, default=2, help="stage mma: 2 = router over two up-projections, 1 = one shared adapter")
     p.add_argument("--temperature", type=float, default=10.0,
-                   help="stage mma: the router's softmax temperature (the paper's 10 is for 7B; see vision/weights/README.md)")
+                   help="stage mma: the router's softmax temperature (the paper: 10 for 7B, 5 for 13B; see vision/mma.py)")
+    p.add_argument("--route-loss", type=float, default=1.0, help="stage mma: weight of the auxiliary routing loss")
+    p.add_argument("--route-layer", type=int, default=0,
+                   help="stage mma: the router reads the modality token's state at this layer (-1: each layer's own)")
+    p.add_argument("--visual-rank", type=int, default=128, help="stage mma: the adapter on the image features (0 = none)")
+    p.add_argument("--gain-scaled", action=argparse.BooleanOptionalAction, default=True,
+                   help="stage mma: scale the adapters' outputs by each layer's norm gain (see vision/mma.py)")
     p.add_argument("--text-fraction", type=float, default=0.35)
     p.add_argument("--projector", type=Path, default=PROJECTOR_FILE, help="stage mma: the stage-1 projector")
     p.add_argument("--train-projector", action="store_true", help="stage mma: train the projector as well")
@@ -451,9 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (30 if args.quick else 400)
     cfg = TrainConfig(
         stage=args.stage, data=data, out=args.out or Path(f"runs/vision-{args.stage}{'-quick' if args.quick else ''}"),
-        steps=steps, batch=args.batch, lr=args.lr or (1e-3 if args.stage == "projector" else 2e-3), seed=args.seed,
+        steps=steps, batch=args.batch, lr=args.lr or 1e-3, seed=args.seed,
         dtype=args.dtype, text_fraction=args.text_fraction, paths=args.paths, temperature=args.temperature,
-        projector=args.projector,
+        route_loss=args.route_loss, route_layer=None if args.route_layer < 0 else args.route_layer,
+        visual_rank=args.visual_rank, gain_scaled=args.gain_scaled, projector=args.projector,
         train_projector=args.train_projector, eval_every=args.eval_every or (10 if args.quick else 100),
         eval_examples=16 if args.quick else 64, minutes=args.minutes, resume=args.resume, export=args.export)
     result = run(cfg)

@@ -24,6 +24,7 @@ from web.demo_api import ApiError, frame_ms, list_models, speak, stream_chat  # 
 
 WIRE_RATE = 24000  # the realtime API's audio rate
 NOT_SERVED_3D = "3D questions need the 3D model: not served by this server."
+NOT_A_3D_MODEL = "This model does not take point clouds: pick a 3D model in the list."
 NOT_SERVED_VISION = ("The vision API is not served by this server (`/v1/models` answers 404; it was started with "
                      "`--vision-model none`): the Vision and 3D tabs cannot answer.")
 
@@ -58,8 +59,8 @@ def _usage_note(usage: dict[str, Any], finish: str | None) -> str:
 def _models_note(models: list[dict[str, Any]]) -> str:
     if not models:
         return "The server lists no models."
-    names = [f"`{m['id']}` (base)" if not m.get("parent") else f"`{m['id']}` (LoRA rank {m.get('rank', '?')})"
-             for m in models]
+    names = [(f"`{m['id']}` (base{', 3D' if 'point_cloud' in m.get('input_modalities', ()) else ''})"
+              if not m.get("parent") else f"`{m['id']}` (LoRA rank {m.get('rank', '?')})") for m in models]
     return f"{len(models)} model{'s' if len(models) > 1 else ''}: " + ", ".join(names)
 
 
@@ -75,10 +76,12 @@ def build_demo(base_url: str, ws_url: str | None = None) -> gr.Blocks:
             if e.status == 401:
                 note += "  \nEnter the server's API key above, then press **Refresh**."
             return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None), note
-        ids = [m["id"] for m in models]
+        ids = [m["id"] for m in models if "point_cloud" not in m.get("input_modalities", ())]
+        ids_3d = [m["id"] for m in models if "image" not in m.get("input_modalities", ())]
         pick = current if current in ids else (ids[0] if ids else None)
-        pick_3d = current_3d if current_3d in ids else (ids[0] if ids else None)
-        return gr.Dropdown(choices=ids, value=pick), gr.Dropdown(choices=ids, value=pick_3d), _models_note(models)
+        pick_3d = current_3d if current_3d in ids_3d else (ids_3d[0] if ids_3d else None)
+        return (gr.Dropdown(choices=ids, value=pick), gr.Dropdown(choices=ids_3d, value=pick_3d),
+                _models_note(models))
 
     async def ask_vision(image, model: str | None, question: str, max_tokens: float, api_key: str):
         question = (question or "").strip()
@@ -89,8 +92,8 @@ def build_demo(base_url: str, ws_url: str | None = None) -> gr.Blocks:
             yield "", "**Pick a model** (press **Refresh** to list the server's models)."
             return
         content: list[dict[str, Any]] = [{"type": "text", "text": question}]
-        if image is not None:
-            content.append({"type": "image_url", "image_url": {"url": _image_data_url(image)}})
+        if image is not None:  # the image first, then the question: the order the default model learned
+            content.insert(0, {"type": "image_url", "image_url": {"url": _image_data_url(image)}})
         text = ""
         yield "", "_asking…_"
         try:
@@ -102,7 +105,8 @@ def build_demo(base_url: str, ws_url: str | None = None) -> gr.Blocks:
 
     def show_example(name: str):
         cloud = points.example(name or points.EXAMPLES[0])
-        return None, points.figure(cloud), f"Example **{cloud.name}**: {len(cloud):,} points."
+        note = f"  \nIts questions in the test set: {cloud.note}" if cloud.note else ""
+        return None, points.figure(cloud), f"Example **{cloud.name}**: {len(cloud):,} points.{note}"
 
     def show_upload(path: str | None, name: str):
         if not path:
@@ -129,7 +133,10 @@ def build_demo(base_url: str, ws_url: str | None = None) -> gr.Blocks:
                 text = a.text
                 yield text, _usage_note(a.usage, a.finish_reason) or "_answering…_"
         except ApiError as e:
-            yield text, f"**{NOT_SERVED_3D}**  \n`HTTP {e.status}`: {e.message}" if _is_3d_unserved(e) else _error(e)
+            if e.code == "point_clouds_not_supported":
+                yield text, f"**{NOT_A_3D_MODEL}**  \n`HTTP {e.status}`: {e.message}"
+            else:
+                yield text, f"**{NOT_SERVED_3D}**  \n`HTTP {e.status}`: {e.message}" if _is_3d_unserved(e) else _error(e)
 
     async def voice(text: str, recording, seconds: float, api_key: str):
         text = (text or "").strip()
@@ -176,8 +183,10 @@ def build_demo(base_url: str, ws_url: str | None = None) -> gr.Blocks:
 
         with gr.Tab("3D"):
             gr.Markdown("Point clouds go to `/v1/chat/completions` as a `point_cloud_url` content part (a PLY "
-                        "data URL). The 3D model (AdaToken-3D) is not built yet; until the server serves it, "
-                        "it refuses these questions and this tab says so.")
+                        "data URL). The 3D model answers short questions about scenes of coloured boxes, "
+                        "spheres, cylinders and slabs, like the test scenes below; AdaToken-3D's gate prunes "
+                        "the spatial tokens the question hardly reads, and the note under the answer says how "
+                        "many it kept.")
             with gr.Row():
                 with gr.Column():
                     cloud_file = gr.File(label="Point cloud (.ply, .pcd, .npy)", file_types=[".ply", ".pcd", ".npy"],

@@ -17,7 +17,8 @@ import numpy as np
 
 MAX_POINTS = 200_000  # larger clouds are subsampled (evenly, seeded) before they are shown or sent
 VIEW_POINTS = 20_000  # what the browser draws
-EXAMPLES = ("cube", "sphere", "two boxes")
+SCENES = ("test scene 1", "test scene 2", "test scene 3")  # held-out scenes of the 3D model's own data
+EXAMPLES = (*SCENES, "cube", "sphere", "two boxes")
 
 
 class PointCloudError(ValueError):
@@ -29,6 +30,7 @@ class PointCloud:
     xyz: np.ndarray  # (N, 3) float32
     rgb: np.ndarray | None = None  # (N, 3) uint8
     name: str = "cloud"
+    note: str = ""  # e.g. the questions a generated scene comes with, and their answers
 
     def __post_init__(self) -> None:
         if self.xyz.ndim != 2 or self.xyz.shape[1] != 3 or self.xyz.shape[0] == 0:
@@ -49,8 +51,15 @@ class PointCloud:
 
 
 def example(name: str, n: int = 4096, seed: int = 0) -> PointCloud:
-    """A generated cloud: points on the surface of a cube, of a sphere, or of two boxes side by side."""
+    """A generated cloud: a held-out scene of vision.scene3d (the kind the 3D model learned, with its
+    questions and answers in ``note``), or points on the surface of a cube, of a sphere, or of two boxes."""
     rng = np.random.default_rng(seed)
+    if name in SCENES:
+        from vision.scene3d import SceneConfig, generate
+
+        scene, pts, _ = generate(0, "test", int(name.rsplit(" ", 1)[1]) - 1, SceneConfig())
+        note = "; ".join(f"*{q['question']}* → {q['answer']}" for q in scene.questions)
+        return PointCloud(pts[:, :3].copy(), (pts[:, 3:] * 255).round().astype(np.uint8), name, note)
     if name == "cube":
         xyz = _box_surface(rng, n, np.zeros(3), np.ones(3))
         rgb = np.tile(np.array([[70, 130, 220]], np.uint8), (n, 1))
