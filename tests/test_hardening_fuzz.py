@@ -48,7 +48,8 @@ json_value = st.recursive(
     json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=10,
 )
-huge_text = st.integers(5_000, 900_000).map(lambda n: "A" * n)  # under the 2 MiB frame limit
+FRAME_LIMIT = 2 * 1024 * 1024  # Settings.max_message_bytes: a larger frame closes the socket (1009), by design
+huge_text = st.integers(5_000, 900_000).map(lambda n: "A" * n)  # one of them stays under the frame limit
 pcm_b64 = st.binary(max_size=4000).map(lambda b: base64.b64encode(b).decode())
 field_value = json_value | huge_text | pcm_b64 | st.sampled_from(
     ["", "pcm16", "realtime", "user", "assistant", "system", "inf", "server_vad", "audio/pcm", "input_text", -1, 0,
@@ -108,7 +109,7 @@ random_event = st.fixed_dictionaries(
     {"type": st.sampled_from(sorted(CLIENT_EVENT_TYPES)) | st.text(max_size=40)},
     optional={k: field_value for k in ("event_id", "session", "audio", "item", "response", "response_id",
                                        "item_id", "audio_end_ms", "content_index", "previous_item_id")},
-).map(json.dumps)
+).map(json.dumps).filter(lambda s: len(s.encode()) < FRAME_LIMIT)  # several huge fields can add up past it
 text_frame = st.text(max_size=200) | json_value.map(json.dumps) | mutated_event() | random_event
 binary_frame = st.binary(max_size=64) | st.tuples(st.integers(0, 255), st.binary(max_size=4000)).map(
     lambda t: bytes([t[0]]) + t[1]) | st.integers(MAX_AUDIO // 2, MAX_AUDIO).map(lambda n: b"\x01" + bytes(2 * n + 1))
