@@ -445,12 +445,7 @@ class RealtimeSession(DialogueTurns):
             "role": ev.item.role, "content": [p.model_dump(exclude_none=True) for p in ev.item.content],
         }
         previous = self._last_item()
-        self._add_item(item)
-        if self.beta:
-            self._send(P.server_event("conversation.item.created", previous_item_id=previous, item=item))
-        else:
-            self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
-            self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
+        self._publish_item(item, previous)
 
     def _on_response_create(self, ev: P.ResponseCreate) -> None:
         if self.response is not None:
@@ -615,6 +610,15 @@ class RealtimeSession(DialogueTurns):
             self.log.item_changed(item)
         if len(self.order) > 1000:  # bounded history
             del self.items[self.order.pop(0)]
+
+    def _publish_item(self, item: dict, previous: str | None) -> None:
+        """Add a completed item to the conversation and tell the client, in the GA or the beta shape."""
+        self._add_item(item)
+        if self.beta:
+            self._send(P.server_event("conversation.item.created", previous_item_id=previous, item=item))
+        else:
+            self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
+            self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
 
     def _last_item(self) -> str | None:
         return self.order[-1] if self.order else None

@@ -25,7 +25,7 @@ MAX_CONTEXT_ITEMS = 64  # conversation items handed to the responder per answer
 class DialogueTurns:
     """Voice turn → committed user item → transcript → streamed answer → sentences queued to the voice."""
 
-    # (attributes and the methods _send, _error, _spawn, _add_item, _last_item, _open_response and
+    # (attributes and the methods _send, _error, _spawn, _publish_item, _last_item, _open_response and
     # _finish_response are the session's)
     response: Any
     items: dict[str, dict]
@@ -45,12 +45,7 @@ class DialogueTurns:
         self._send(P.server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
         item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed",
                 "role": "user", "content": [{"type": "input_audio", "transcript": None}]}
-        self._add_item(item)
-        if self.beta:
-            self._send(P.server_event("conversation.item.created", previous_item_id=previous, item=item))
-        else:
-            self._send(P.server_event("conversation.item.added", previous_item_id=previous, item=item))
-            self._send(P.server_event("conversation.item.done", previous_item_id=previous, item=item))
+        self._publish_item(item, previous)
         self._pending_turns += 1  # back down when its transcription ends
         self._spawn(self._transcribe_and_answer(item, audio))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,59 +26,21 @@ import torch
 
 from vision.adapter_tasks import load_tasks
 from vision.data import DEFAULT_OUT, QUICK_OUT, DataConfig, Example, build, is_correct
+from vision.evaluate import load_plain, run_greedy
 from vision.images import ImageLimits, load_image
-from vision.model import IMAGE_PLACEHOLDER, PROJECTOR_FILE, VisionLanguageModel
-from vision.scheduler import Event, GenRequest, SamplingParams, SchedulerConfig
+from vision.model import IMAGE_PLACEHOLDER, PROJECTOR_FILE
+from vision.scheduler import SchedulerConfig
 from vision.service import DEFAULT_ADAPTER_DIR, VisionService, VisionServiceConfig
-
-
-def plain_model() -> VisionLanguageModel:
-    """The default model as served, from its projector only (no MM-Adapters: the adapters were trained without)."""
-    from lm.loading import load_causal_lm
-    from vision.decoder import PackedDecoder
-    from vision.model import DEFAULT_VLM, EfficientNetEncoder, _stop_ids
-
-    hf_lm, tokenizer = load_causal_lm("smollm2", "cpu", torch.float32)
-    encoder = EfficientNetEncoder(hf_lm.config.hidden_size)
-    encoder.load_projector(PROJECTOR_FILE)
-    encoder.eval()
-    return VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
-                               _stop_ids(tokenizer, hf_lm.generation_config), f"projector {PROJECTOR_FILE.name}")
 
 
 def serve(service: VisionService, jobs: list[tuple[Example, str | None]], folder: Path, max_tokens: int = 12
           ) -> tuple[list[str], list[float]]:
     """Greedy answers of (question, adapter) pairs, all submitted at once; → answers, per-request latency (s)."""
     limits = ImageLimits(allowed_dir=Path(folder))
-    texts: dict[int, list[str]] = defaultdict(list)
-    done = [threading.Event() for _ in jobs]
-    ended = [0.0] * len(jobs)
-    errors: dict[int, str] = {}
-
-    def emit_for(i: int):
-        def emit(ev: Event) -> None:
-            if ev.kind == "delta":
-                texts[i].append(ev.text)
-            elif ev.kind in ("done", "error"):
-                if ev.kind == "error":
-                    errors[i] = ev.text
-                ended[i] = time.monotonic()
-                done[i].set()
-        return emit
-
-    prompts = [service.model.build_prompt(ex.messages(IMAGE_PLACEHOLDER), [load_image(str(Path(folder) / ex.image), limits)])
-               for ex, _ in jobs]
-    t0 = time.monotonic()
-    for i, ((_, adapter), prompt) in enumerate(zip(jobs, prompts, strict=True)):
-        service.scheduler.submit(GenRequest(f"adapter-eval-{i}", adapter, prompt, SamplingParams(max_tokens=max_tokens),
-                                            emit_for(i)))
-    for d in done:
-        while not d.wait(1.0):
-            if not service.scheduler._thread.is_alive():
-                raise RuntimeError("the scheduler thread died (see the log above)")
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed, e.g. {next(iter(errors.values()))}")
-    return ["".join(texts[i]) for i in range(len(jobs))], [e - t0 for e in ended]
+    requests = [(adapter, service.model.build_prompt(ex.messages(IMAGE_PLACEHOLDER),
+                                                     [load_image(str(Path(folder) / ex.image), limits)]))
+                for ex, adapter in jobs]
+    return run_greedy(service.scheduler, requests, max_tokens, "adapter-eval")
 
 
 def evaluate(folder: Path, adapters: Path = DEFAULT_ADAPTER_DIR, solo: Path | None = None, per_task: int | None = None,
@@ -93,7 +54,7 @@ def evaluate(folder: Path, adapters: Path = DEFAULT_ADAPTER_DIR, solo: Path | No
     names = list(gen["tasks"])
     tasks = load_tasks(folder, names, {n: t["target"] for n, t in gen["tasks"].items()}, test=per_task)
     solo = solo if solo is not None else Path(gen.get("solo_dir", "runs/adapters/solo"))
-    service = VisionService(plain_model(), VisionServiceConfig(lora_slots=8, max_lora_rank=64,
+    service = VisionService(load_plain(PROJECTOR_FILE), VisionServiceConfig(lora_slots=8, max_lora_rank=64,
                                                                scheduler=SchedulerConfig(max_running=16, max_len=512,
                                                                                          max_waiting=4096)))
     packed_of = {}

@@ -53,7 +53,7 @@ from vision.data import (
 from vision.decoder import PackedStep, Segment
 from vision.images import ImageLimits, load_image
 from vision.mma import IMAGE, TEXT, attach_to_decoder, attach_visual, load_mma, remove_mma
-from vision.model import IMAGE_PLACEHOLDER, MMA_FILE, PROJECTOR_FILE, VisionLanguageModel
+from vision.model import IMAGE_PLACEHOLDER, MMA_FILE, PROJECTOR_FILE, Prompt, VisionLanguageModel
 from vision.scheduler import Event, GenRequest, SamplingParams, Scheduler, SchedulerConfig
 
 SHARED_FILE = MMA_FILE.with_name("mma_shared.safetensors")
@@ -73,14 +73,15 @@ def contains_answer(reply: str, answer: str) -> bool:
     return any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
 
 
-def answer_all(model: VisionLanguageModel, examples: list[Example], folder: Path, max_tokens: int = 24,
-               max_running: int = 16) -> list[Answer]:
-    """Greedy answers through the scheduler, every example submitted at once (mixed modalities)."""
-    limits = ImageLimits(allowed_dir=Path(folder))
-    sched = Scheduler(model, None, None, SchedulerConfig(max_running=max_running, max_len=512,
-                                                           max_waiting=max(256, len(examples))))
+def run_greedy(scheduler: Scheduler, requests: list[tuple[str | None, Prompt]], max_tokens: int, tag: str
+               ) -> tuple[list[str], list[float]]:
+    """Submit every (adapter, prompt) at once to a started scheduler and wait for all of them.
+
+    Returns each answer and the seconds from the first submission to its end; raises if any request
+    failed or the scheduler thread died (instead of waiting forever)."""
     texts: dict[int, list[str]] = defaultdict(list)
-    done = [threading.Event() for _ in examples]
+    done = [threading.Event() for _ in requests]
+    ended = [0.0] * len(requests)
     errors: dict[int, str] = {}
 
     def emit_for(i: int):
@@ -90,28 +91,38 @@ def answer_all(model: VisionLanguageModel, examples: list[Example], folder: Path
             elif ev.kind in ("done", "error"):
                 if ev.kind == "error":
                     errors[i] = ev.text
+                ended[i] = time.monotonic()
                 done[i].set()
         return emit
 
-    sched.start()
-    try:
-        for i, ex in enumerate(examples):
-            images = [load_image(str(Path(folder) / ex.image), limits)] if ex.image else []
-            prompt = model.build_prompt(ex.messages(IMAGE_PLACEHOLDER), images)
-            sched.submit(GenRequest(f"eval-{i}", None, prompt, SamplingParams(max_tokens=max_tokens), emit_for(i)))
-        for d in done:
-            while not d.wait(1.0):
-                if not sched._thread.is_alive():
-                    raise RuntimeError("the scheduler thread died (see the log above)")
-    finally:
-        sched.stop()
+    t0 = time.monotonic()
+    for i, (adapter, prompt) in enumerate(requests):
+        scheduler.submit(GenRequest(f"{tag}-{i}", adapter, prompt, SamplingParams(max_tokens=max_tokens), emit_for(i)))
+    for d in done:
+        while not d.wait(1.0):
+            if not scheduler._thread.is_alive():
+                raise RuntimeError("the scheduler thread died (see the log above)")
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {next(iter(errors.values()))}")
-    out = []
-    for i, ex in enumerate(examples):
-        text = "".join(texts[i])
-        out.append(Answer(ex, text, is_correct(text, ex.answer), contains_answer(text, ex.answer)))
-    return out
+    return ["".join(texts[i]) for i in range(len(requests))], [e - t0 for e in ended]
+
+
+def answer_all(model: VisionLanguageModel, examples: list[Example], folder: Path, max_tokens: int = 24,
+               max_running: int = 16) -> list[Answer]:
+    """Greedy answers through the scheduler, every example submitted at once (mixed modalities)."""
+    limits = ImageLimits(allowed_dir=Path(folder))
+    sched = Scheduler(model, None, None, SchedulerConfig(max_running=max_running, max_len=512,
+                                                           max_waiting=max(256, len(examples))))
+    prompts = [(None, model.build_prompt(ex.messages(IMAGE_PLACEHOLDER),
+                                         [load_image(str(Path(folder) / ex.image), limits)] if ex.image else []))
+               for ex in examples]
+    sched.start()
+    try:
+        texts, _ = run_greedy(sched, prompts, max_tokens, "eval")
+    finally:
+        sched.stop()
+    return [Answer(ex, text, is_correct(text, ex.answer), contains_answer(text, ex.answer))
+            for ex, text in zip(examples, texts, strict=True)]
 
 
 def accuracy(answers: list[Answer], modality: str, lenient: bool = False) -> float | None:
@@ -227,7 +238,7 @@ def evaluate(folder: Path, split: str = "test", n_image: int | None = None, n_te
     t_start = time.monotonic()
     examples = load_split(folder, split)
     images, texts = _pick(examples, "image", n_image), _pick(examples, "text", n_text)
-    model = _load_plain(projector=None)
+    model = load_plain(projector=None)
     say = print if progress else (lambda *a, **k: None)
     res: dict[str, Any] = {"split": split, "image_questions": len(images), "text_questions": len(texts), "notes": []}
     tasks: dict[str, dict[str, float]] = {}
@@ -286,11 +297,12 @@ def evaluate(folder: Path, split: str = "test", n_image: int | None = None, n_te
     return res
 
 
-def _load_plain(projector: Path | None) -> VisionLanguageModel:
-    """The default model built as load_vlm builds it, without the files in vision/weights (the arms add them)."""
-    from lm.loading import load_causal_lm
+def load_plain(projector: Path | None) -> VisionLanguageModel:
+    """The default model built as load_vlm builds it (float32, CPU), without the MM-Adapters of vision/weights:
+    the evaluation's arms add them; the task adapters were trained on it (vision.adapter_eval)."""
+    from lm.loading import load_causal_lm, stop_token_ids
     from vision.decoder import PackedDecoder
-    from vision.model import DEFAULT_VLM, EfficientNetEncoder, _stop_ids
+    from vision.model import DEFAULT_VLM, EfficientNetEncoder
 
     hf_lm, tokenizer = load_causal_lm("smollm2", "cpu", torch.float32)
     encoder = EfficientNetEncoder(hf_lm.config.hidden_size)
@@ -298,7 +310,7 @@ def _load_plain(projector: Path | None) -> VisionLanguageModel:
         encoder.load_projector(projector)
     encoder.eval()
     return VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
-                               _stop_ids(tokenizer, hf_lm.generation_config), "evaluation")
+                               stop_token_ids(tokenizer, hf_lm.generation_config), "evaluation")
 
 
 def _fmt(v: Any) -> str:

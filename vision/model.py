@@ -185,9 +185,6 @@ class VisionLanguageModel:
         return self.decoder.embed_tokens(ids)
 
 
-_stop_ids = stop_token_ids  # (the name other vision modules import)
-
-
 def load_vlm(name_or_path: str | Path = DEFAULT_VLM, device: str = "cpu", dtype: torch.dtype | None = None,
              lm: str | Path = DEFAULT_LM) -> VisionLanguageModel:
     """Build the serving model (eval mode, on ``device``). No download is ever attempted."""
@@ -202,7 +199,7 @@ def load_vlm(name_or_path: str | Path = DEFAULT_VLM, device: str = "cpu", dtype:
         encoder.to(device=device, dtype=dtype).eval()
         encoder.backbone.float()  # the frozen CNN keeps float32 (BatchNorm); its output is cast
         vlm = VisionLanguageModel(DEFAULT_VLM, PackedDecoder(hf_lm), tokenizer, encoder,
-                                  _stop_ids(tokenizer, hf_lm.generation_config), note)
+                                  stop_token_ids(tokenizer, hf_lm.generation_config), note)
         if MMA_FILE.is_file():  # issue 5: MM-Adapters as a transform on the built model (vision/mma.py)
             from vision.mma import attach_to_decoder, attach_visual, load_mma
 
@@ -228,7 +225,7 @@ def _load_hf_llava(name_or_path: str | Path, device: str, dtype: torch.dtype) ->
     if config.model_type in QWEN_TYPES:
         from vision.qwen2vl import load_qwen2vl
 
-        return load_qwen2vl(src, device, dtype, _stop_ids)
+        return load_qwen2vl(src, device, dtype)
     if config.model_type != "llava":
         raise ValueError(f"model type {config.model_type!r} is not served: LLaVA-style ('llava'), Qwen2-VL-style "
                          f"({', '.join(map(repr, QWEN_TYPES))}) models and the embedded default are")
@@ -237,7 +234,7 @@ def _load_hf_llava(name_or_path: str | Path, device: str, dtype: torch.dtype) ->
     processor = AutoImageProcessor.from_pretrained(src, local_files_only=True)
     lm = _LlavaLM(model)
     return VisionLanguageModel(Path(src).name or src, PackedDecoder(lm), tokenizer, HFLlavaEncoder(model, processor),
-                               _stop_ids(tokenizer, model.generation_config), f"Hugging Face LLaVA from {src}")
+                               stop_token_ids(tokenizer, model.generation_config), f"Hugging Face LLaVA from {src}")
 
 
 class _LlavaLM(nn.Module):

@@ -172,10 +172,10 @@ def merge_lora(hf_lm: nn.Module, path: Path) -> int:
     return len(names)
 
 
-def stop_ids(tokenizer: Any, hf_lm: nn.Module) -> set[int]:
-    from vision.model import _stop_ids
+def stop_ids(tokenizer: Any, hf_lm: nn.Module) -> frozenset[int]:
+    from lm.loading import stop_token_ids
 
-    return _stop_ids(tokenizer, hf_lm.generation_config)
+    return stop_token_ids(tokenizer, hf_lm.generation_config)
 
 
 def load_point_lm(weights: Path | None = WEIGHTS3D, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from lm.loading import stop_token_ids
 from vision.decoder import PackedDecoder
 from vision.model import IMAGE_PLACEHOLDER, Prompt, VisionLanguageModel
 
@@ -111,7 +112,7 @@ class _TextLM(nn.Module):
         self.config = hf.config.text_config
 
 
-def load_qwen2vl(src: str | Path, device: str, dtype: torch.dtype, stop_ids: Any) -> Qwen2VLLanguageModel:
+def load_qwen2vl(src: str | Path, device: str, dtype: torch.dtype) -> Qwen2VLLanguageModel:
     """A local Qwen2-VL / Qwen2.5-VL folder (weights, tokenizer, image processor); never downloads."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -119,5 +120,5 @@ def load_qwen2vl(src: str | Path, device: str, dtype: torch.dtype, stop_ids: Any
     tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
     name = Path(str(src)).name or str(src)
-    return Qwen2VLLanguageModel(name, model, tokenizer, processor, stop_ids(tokenizer, model.generation_config),
+    return Qwen2VLLanguageModel(name, model, tokenizer, processor, stop_token_ids(tokenizer, model.generation_config),
                                 f"Hugging Face {model.config.model_type} from {src}")
