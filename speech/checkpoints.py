@@ -59,6 +59,28 @@ def save_lslm(path: str | Path, lslm: LSLM) -> None:
     _save(path, lslm, "lslm", lslm.cfg)
 
 
+def load_irq_policy(path: str | Path) -> dict[str, float]:
+    """The IRQ decision fitted for an LSLM checkpoint (``irq_margin``, ``irq_frames``); {} when none was."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    policy = json.loads(meta.get("irq_policy", "{}"))
+    return {k: policy[k] for k in ("irq_margin", "irq_frames") if k in policy}
+
+
+def write_irq_policy(path: str | Path, margin: float, frames: int, note: str) -> None:
+    """Store the fitted IRQ decision in an LSLM checkpoint's metadata; the tensors are kept as they are."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != "lslm":
+        raise ValueError(f"{path} is not an lslm checkpoint")
+    sd = load_file(str(path))
+    meta["irq_policy"] = json.dumps({"irq_margin": margin, "irq_frames": frames, "fitted_on": note})
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
 def load_lslm(path: str | Path) -> tuple[LSLMConfig, LSLM]:
     cfg_d, sd = _load(path, "lslm")
     cfg_d.setdefault("listen_norm", False)  # saved before the field existed: raw listening features

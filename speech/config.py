@@ -114,6 +114,11 @@ class VoiceModelConfig:
     lslm: LSLMConfig = field(default_factory=LSLMConfig)
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 50
+    # When to stop for the user: IRQ's logit must lead every other output by ``irq_margin`` on
+    # ``irq_frames`` consecutive frames. (0, 1) is plain argmax decoding; a trained model ships the pair
+    # fitted on the validation split (``python -m speech.calibrate``) in its checkpoint's metadata.
+    irq_margin: float = 0.0
+    irq_frames: int = 1
 
     def __post_init__(self) -> None:
         if self.lslm.codebook_size != self.codec.codebook_size:
@@ -122,6 +127,8 @@ class VoiceModelConfig:
             raise ValueError("lslm.listen_dim must equal codec.channels (the listening features)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if self.irq_frames < 1:
+            raise ValueError("irq_frames must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +140,8 @@ class VoiceModelConfig:
             lslm=LSLMConfig(**d.get("lslm", {})),
             temperature=d.get("temperature", 0.0),
             top_k=d.get("top_k", 50),
+            irq_margin=d.get("irq_margin", 0.0),
+            irq_frames=d.get("irq_frames", 1),
         )
 
     @classmethod

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech.checkpoints import load_codec, load_lslm
+from speech.checkpoints import load_codec, load_irq_policy, load_lslm
 from speech.codec import SpeechCodec
 from speech.config import VoiceModelConfig
 from speech.lslm import LSLM
@@ -80,6 +80,12 @@ class DuplexVoiceModel:
         self.pos_host = np.zeros(capacity, dtype=np.int64)
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self.logit_bias = torch.zeros(cfg.lslm.out_vocab, device=dev)
+        # IRQ is a decision, not a sample: speech tokens are chosen among the other outputs, and IRQ
+        # fires once its lead over them has held for ``irq_frames`` frames (VoiceModelConfig)
+        self._no_irq = torch.zeros(cfg.lslm.out_vocab, device=dev)
+        self._no_irq[cfg.lslm.irq_id] = float("-inf")
+        self.irq_lead = torch.zeros(capacity, device=dev)  # this step's lead, per slot (calibration reads it)
+        self.irq_streak = torch.zeros(capacity, dtype=torch.long, device=dev)
         self._silence = torch.zeros(capacity, self.frame_size, device=dev)  # returned when no row speaks
 
     # ---------------------------------------------------------------- slot lifecycle
@@ -90,6 +96,7 @@ class DuplexVoiceModel:
         self.pos_host[slot] = 0
         self.pos[slot] = 0
         self.prev_token[slot] = 0
+        self.irq_streak[slot] = 0
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy every per-slot tensor of ``src`` into ``dst`` (the engine packs live slots)."""
@@ -100,6 +107,7 @@ class DuplexVoiceModel:
         self.v_cache[:, dst, :, :n].copy_(self.v_cache[:, src, :, :n])
         self.prev_token[dst] = self.prev_token[src]
         self.pos[dst] = self.pos[src]
+        self.irq_streak[dst] = self.irq_streak[src]
         self.speaking[dst] = self.speaking[src]
         self.pos_host[dst] = self.pos_host[src]
 
@@ -134,6 +142,7 @@ class DuplexVoiceModel:
         self.prev_token[slot] = self.cfg.lslm.speech_bos_id
         self.pos[slot] = len(ids)
         self.pos_host[slot] = len(ids)
+        self.irq_streak[slot] = 0
         self.speaking[slot] = True
 
     def stop_speaking(self, slot: int) -> None:
@@ -166,7 +175,12 @@ class DuplexVoiceModel:
             self.prev_token[rows], pos, feats, self.k_cache[:, rows], self.v_cache[:, rows], t_max
         )
         logits = logits + self.logit_bias
-        nxt = self._sample(logits)  # (B,)
+        speech_logits = logits + self._no_irq
+        lead = logits[:, cfg.irq_id] - speech_logits.amax(-1)
+        self.irq_lead[rows] = lead
+        streak = torch.where(lead >= self.cfg.irq_margin, self.irq_streak[rows] + 1, 0)
+        self.irq_streak[rows] = streak
+        nxt = torch.where(streak >= self.cfg.irq_frames, cfg.irq_id, self._sample(speech_logits))  # (B,)
         is_code = nxt < cfg.codebook_size
         audio = self.codec.decode_step(torch.where(is_code, nxt, 0), state)
         nxt_host = nxt.cpu().numpy()  # the one device→host sync of the step
@@ -219,14 +233,16 @@ def load_voice_model(
         cfg.codec, codec = load_codec(weights_dir / "codec.safetensors")
         cfg.lslm.codebook_size, cfg.lslm.listen_dim = cfg.codec.codebook_size, cfg.codec.channels
         notes.append("codec: trained")
+    irq: dict[str, float] = {}
     if (weights_dir / "lslm.safetensors").is_file():
         cfg.lslm, lslm = load_lslm(weights_dir / "lslm.safetensors")
+        irq = load_irq_policy(weights_dir / "lslm.safetensors")
         notes.append("lslm: trained")
     missing = [n for n, m in (("codec", codec), ("lslm", lslm)) if m is None]
     if missing:
         log.warning("no trained %s in %s: serving a seeded random init for it", " or ".join(missing), weights_dir)
         notes += [f"{n}: random init (untrained)" for n in missing]
-    cfg = VoiceModelConfig(codec=cfg.codec, lslm=cfg.lslm)  # re-validates codec/lslm agreement
+    cfg = VoiceModelConfig(codec=cfg.codec, lslm=cfg.lslm, **irq)  # re-validates codec/lslm agreement
     return DuplexVoiceModel(cfg, capacity, device, codec=codec, lslm=lslm, seed=seed, weights_note="; ".join(notes))
 
 

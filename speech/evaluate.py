@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from speech.asr import WhisperASR, word_errors
-from speech.checkpoints import load_codec, load_lslm
+from speech.checkpoints import load_codec, load_irq_policy, load_lslm
 from speech.config import VoiceModelConfig
 from speech.corpus import Corpus
 from speech.duplex import EV_AUDIO, EV_EOS, EV_IRQ, DuplexVoiceModel
@@ -52,6 +52,8 @@ class EvalConfig:
     vad_threshold: float = 0.5
     asr_model: str = ""
     seed: int = 0
+    irq_margin: float = float("nan")  # nan: the IRQ decision stored with the checkpoint (speech.calibrate)
+    irq_frames: int = 0  # 0: from the checkpoint
 
 
 @dataclass
@@ -68,17 +70,25 @@ class Outcome:
     stop_frame: int | None = None  # frame of the IRQ (model) or of the VAD's first speech (peer)
     eos_frame: int | None = None
     audio: list[np.ndarray] = field(default_factory=list)
+    irq_leads: list[float] = field(default_factory=list)  # IRQ's logit lead on every frame spoken (model)
 
 
 def build_model(weights: str | Path, lslm_path: str | Path | None, capacity: int,
-                device: str = "cpu") -> DuplexVoiceModel:
+                device: str = "cpu", irq_margin: float = float("nan"), irq_frames: int = 0) -> DuplexVoiceModel:
+    """The serving model from a weights folder (or another LSLM file); the IRQ decision is the
+    checkpoint's unless ``irq_margin`` / ``irq_frames`` are given."""
     weights = Path(weights)
     codec_cfg, codec = load_codec(weights / "codec.safetensors")
     lslm_file = Path(lslm_path) if lslm_path else weights / "lslm.safetensors"
     if not lslm_file.is_file():
         raise FileNotFoundError(f"no trained LSLM at {lslm_file}: train one with `python -m speech.train`")
     lslm_cfg, lslm = load_lslm(lslm_file)
-    cfg = VoiceModelConfig(codec=codec_cfg, lslm=lslm_cfg)
+    irq = load_irq_policy(lslm_file)
+    if irq_margin == irq_margin:
+        irq["irq_margin"] = irq_margin
+    if irq_frames:
+        irq["irq_frames"] = irq_frames
+    cfg = VoiceModelConfig(codec=codec_cfg, lslm=lslm_cfg, **irq)
     return DuplexVoiceModel(cfg, capacity, device, codec=codec, lslm=lslm, weights_note=str(lslm_file))
 
 
@@ -158,8 +168,10 @@ def run_model(model: DuplexVoiceModel, trials: list[Trial], desc: str) -> list[O
             speaking = model.speaking[:n].copy()
             out = model.step(0, n, listen_t[:, f * fs : (f + 1) * fs])
             audio = out.audio.cpu().numpy()
+            leads = model.irq_lead[:n].tolist()
             for i in np.flatnonzero(speaking):
                 o, ev = outcomes[lo + i], out.events[i]
+                o.irq_leads.append(leads[i])
                 if ev == EV_AUDIO:
                     o.audio.append(audio[i].copy())
                 elif ev == EV_IRQ:
@@ -226,11 +238,14 @@ def transcribe_all(asr: WhisperASR, audios: list[np.ndarray], desc: str) -> list
 def evaluate(ec: EvalConfig, model: DuplexVoiceModel | None = None, asr: WhisperASR | None = None,
              with_vad: bool = True) -> dict:
     corpus = Corpus(ec.data)
-    model = model or build_model(ec.weights, ec.lslm or None, ec.batch)
+    model = model or build_model(ec.weights, ec.lslm or None, ec.batch, irq_margin=ec.irq_margin,
+                                 irq_frames=ec.irq_frames)
     asr = asr or WhisperASR(ec.asr_model or None)
     maker = SceneMaker(corpus, ec, model.frame_size, model.frame_rate)
     frame_ms = 1000.0 / model.frame_rate
-    report: dict = {"config": asdict(ec), "model": model.weights_note, "scenes": {}}
+    config = {k: (None if v != v else v) for k, v in asdict(ec).items()}  # nan (from the checkpoint): null
+    report: dict = {"config": config, "model": model.weights_note, "scenes": {},
+                    "irq_policy": {"irq_margin": model.cfg.irq_margin, "irq_frames": model.cfg.irq_frames}}
     wer_inputs: dict[str, tuple[list[str], list[np.ndarray]]] = {}
     ref_trials: list[Trial] = []
     for scene in SCENES:
@@ -290,7 +305,9 @@ def _pct(v: float) -> str:
 def print_table(report: dict) -> None:
     s = report["scenes"]
     has_vad = "vad" in s["clean"]
-    print(f"\nvoice model: {report['model']}   ({report['config']['setting']}-based, "
+    irq = report["irq_policy"]
+    print(f"\nvoice model: {report['model']}   (IRQ when its logit leads by {irq['irq_margin']:g} for "
+          f"{irq['irq_frames']} frame{'s' * (irq['irq_frames'] > 1)}; {report['config']['setting']}-based, "
           f"{report['config']['utterances']} utterances per scene, {report['words']} reference words)")
     print(f"{'':34}{'ours (LSLM IRQ)':>18}{'Silero-VAD barge-in':>22}{'paper (middle)':>16}")
     rows = [
