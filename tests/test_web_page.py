@@ -366,6 +366,25 @@ def test_lost_connection_reconnects_with_backoff(browser, make_server):
         proxy.close()
 
 
+def test_a_draining_server_says_it_is_restarting_and_the_page_comes_back(browser, make_server):
+    srv = make_server(capacity=2)
+    page = browser.open(srv.http_url)
+    page.click("start")
+    page.wait(lambda s: s["state"] == "live" and s["framesSent"] > 5, 20, "a live session")
+
+    loop = srv.engine._live[0].loop  # the server's own asyncio loop, which runs the drain
+    asyncio.run_coroutine_threadsafe(srv.app.state.drain.run(1.0), loop).result(15)
+    s = page.wait(lambda s: s["state"] == "reconnecting", 10, "the page to notice the drain")
+    assert s["lastClose"]["code"] == 1001 and s["lastError"] == "server_shutting_down"
+    assert "server is restarting" in page.text("status") and "Connection lost" not in page.text("status")
+
+    srv.app.state.auth.draining = False  # as if the server had been replaced: it admits sessions again
+    srv.app.state.drain._task = None
+    s = page.wait(lambda s: s["state"] == "live", 30, "the page to reconnect")
+    assert s["connects"] == 2
+    page.click("start")
+
+
 def test_api_key_is_asked_for_when_the_server_needs_one(browser, make_server):
     srv = make_server(api_keys=["s3cret"])
     page = browser.open(srv.http_url)

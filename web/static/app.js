@@ -188,6 +188,9 @@ async function onClosed(code, opened) {
     ui.key.focus();
   } else if (code === 1008) {
     stop(`The server closed the session: ${stats.lastClose.reason || "policy violation"}. Press Start to begin again.`, "failed");
+  } else if (code === 1001 || code === 1012) {
+    // a drain (1001) or a lost replica (1012): the server is being restarted or replaced, not the network
+    retry("lost", (s) => `The server is restarting. Reconnecting in ${s} s (attempt ${attempt})…`);
   } else {
     retry("lost", (s) => `Connection lost. Reconnecting in ${s} s (attempt ${attempt})…`);
   }
