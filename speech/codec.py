@@ -68,12 +68,13 @@ class SpeechCodec(nn.Module):
         self.enc_latent = nn.Conv1d(c, lat, 1)
         self.quantizer = VectorQuantizer(cfg.codebook_size, lat)
         # decoder
-        self.dec_in = CausalConv1d(lat, c, 3)
-        self.dec_frame = CausalStack(c, cfg.frame_blocks)
-        self.dec_up = nn.ConvTranspose1d(c, c, cfg.frame_hops, stride=cfg.frame_hops)
-        self.dec_blocks = CausalStack(c, cfg.dec_blocks)
+        cd = cfg.dec_channels or c
+        self.dec_in = CausalConv1d(lat, cd, 3)
+        self.dec_frame = CausalStack(cd, cfg.frame_blocks)
+        self.dec_up = nn.ConvTranspose1d(cd, cd, cfg.frame_hops, stride=cfg.frame_hops)
+        self.dec_blocks = CausalStack(cd, cfg.dec_blocks)
         n_bins = cfg.synth_n_fft // 2 + 1
-        self.dec_head = nn.Conv1d(c, 2 * n_bins, 1)
+        self.dec_head = nn.Conv1d(cd, 2 * n_bins, 1)
         self.register_buffer("synthesis_window", torch.hann_window(cfg.synth_n_fft), persistent=False)
         bins = torch.arange(n_bins, dtype=torch.float64)
         advance = torch.remainder(2 * math.pi * bins * cfg.hop_length / cfg.synth_n_fft, 2 * math.pi)
@@ -151,6 +152,10 @@ class SpeechCodec(nn.Module):
         state["dec_ola"] = torch.zeros(slots, cfg.synth_n_fft - cfg.hop_length, device=device, dtype=dtype)
         state["dec_phase"] = torch.zeros(slots, cfg.synth_n_fft // 2 + 1, device=device, dtype=dtype)
         return state
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What turns tokens into sound; training only these keeps every token (and the LSLM) as it is."""
+        return [p for name, p in self.named_parameters() if name.startswith("dec_")]
 
     @staticmethod
     def decoder_state_keys(state: dict[str, Tensor]) -> list[str]:

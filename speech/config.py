@@ -30,6 +30,7 @@ class CodecConfig:
     enc_blocks: int = 3  # residual causal blocks at the mel rate (dilations 1, 2, 4)
     frame_blocks: int = 2  # residual causal blocks at the frame rate, in the encoder and the decoder
     dec_blocks: int = 4  # residual causal blocks at the mel rate in the decoder
+    dec_channels: int = 0  # the decoder's width; 0: ``channels`` (a wider decoder keeps the tokens)
     synth_n_fft: int = 640  # the decoder's iSTFT window; hop is hop_length (4x overlap, COLA for hann^2)
 
     def __post_init__(self) -> None:
@@ -39,6 +40,8 @@ class CodecConfig:
             raise ValueError("synth_n_fft must be a multiple of hop_length for constant overlap-add")
         if self.codebook_size < 2:
             raise ValueError("codebook_size must be at least 2")
+        if self.dec_channels < 0:
+            raise ValueError("dec_channels must be >= 0 (0: the encoder's channels)")
 
     @property
     def frame_size(self) -> int:

@@ -9,6 +9,10 @@ commitment; the codebook follows its assignments by EMA, with dead codes restart
 
 Resumable: ``--out`` holds the latest checkpoint and the optimizer state; run the same command again.
 
+``--decoder-from CODEC`` trains only the decoder of a trained codec (wider with ``--dec-channels``, deeper
+with ``--dec-blocks``, else warm-started): the encoder and the codebook stay frozen, so every token, and
+an LSLM trained on them, stays valid.
+
 The decoder synthesises phase like a phase vocoder (see speech/codec.py): with free per-hop phases,
 spectral losses alone plateaued (log-magnitude error 2.3 vs 0.9 with phase advances, same steps).
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,9 @@ class CodecTrainConfig:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
+    decoder_from: str = ""  # a trained codec: train only its decoder (tokens unchanged)
+    dec_channels: int = 0  # with decoder_from: a new decoder this wide (0: the source's)
+    dec_blocks: int = 0  # with decoder_from: a new decoder this deep (0: the source's)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.crop_frames < 2:
@@ -199,6 +206,34 @@ def frame_cost_ms(codec: SpeechCodec, batch: int = 1, reps: int = 30) -> float:
 
 
 # ---------------------------------------------------------------- training loop
+def quantize_for_training(codec: SpeechCodec, ema: EmaCodebook, z: torch.Tensor, step: int, tc: CodecTrainConfig,
+                          corpus: Corpus, crop: int, rng: np.random.Generator):
+    """Unit latents → (quantized latents, commitment loss, codes); a plain autoencoder before ``vq_start``."""
+    if step < tc.vq_start:  # warm up as a plain autoencoder: latents spread out before codes are placed
+        return z, z.new_zeros(()), torch.zeros(1, dtype=torch.long)
+    if step == tc.vq_start and not ema.initialised:
+        more = torch.from_numpy(corpus.batch(tc.batch * 4, crop, rng)).to(z.device)
+        ema.seed(torch.cat([z.detach(), codec.features_to_latent(codec.encode_features(more)).detach()], 0))
+    return ema.quantize(z, train=True)
+
+
+def decoder_student(tc: CodecTrainConfig) -> SpeechCodec:
+    """The source codec with its encoder and codebook frozen; its decoder kept, or new when resized."""
+    src_cfg, src = load_codec(tc.decoder_from)
+    cfg = replace(src_cfg, dec_channels=tc.dec_channels or src_cfg.dec_channels,
+                  dec_blocks=tc.dec_blocks or src_cfg.dec_blocks)
+    codec = SpeechCodec(cfg)
+    resized = (cfg.dec_channels or cfg.channels, cfg.dec_blocks) != (src_cfg.dec_channels or src_cfg.channels,
+                                                                     src_cfg.dec_blocks)
+    sd = {k: v for k, v in src.state_dict().items() if not (resized and k.startswith("dec_"))}
+    codec.load_state_dict(sd, strict=not resized)
+    for p in codec.parameters():
+        p.requires_grad_(False)
+    for p in codec.decoder_parameters():
+        p.requires_grad_(True)
+    return codec
+
+
 def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[str, float]:
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
@@ -209,11 +244,13 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
     ckpt, state_path = out / "codec.safetensors", out / "train_state.pt"
     if ckpt.is_file() and state_path.is_file():
         codec_cfg, codec = load_codec(ckpt)
+    elif tc.decoder_from:
+        codec = decoder_student(tc)
     else:
         codec = SpeechCodec(codec_cfg or CodecConfig())
     codec.to(device).train()
     ema = EmaCodebook(codec, tc.ema_decay)
-    params = [p for p in codec.parameters() if p.requires_grad]
+    params = codec.decoder_parameters() if tc.decoder_from else [p for p in codec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.8, 0.99), weight_decay=1e-4)
     warmup = max(1, min(200, tc.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -232,16 +269,14 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
     bar = tqdm(total=tc.steps, initial=step, desc="codec", unit="step", dynamic_ncols=True)
     while step < tc.steps:
         x = torch.from_numpy(corpus.batch(tc.batch, crop, rng, tc.listen_share, tc.noise_prob)).to(device)
-        h = codec.encode_features(x)
-        z = codec.features_to_latent(h)
-        if step < tc.vq_start:  # warm up as a plain autoencoder: latents spread out before codes are placed
-            q, commit, codes = z, z.new_zeros(()), torch.zeros(1, dtype=torch.long)
+        if tc.decoder_from:  # frozen tokens: the decoder learns to speak them better
+            with torch.no_grad():
+                codes = codec.encode(x)
+                z = q = codec.quantizer.lookup(codes)
+            commit = z.new_zeros(())
         else:
-            if step == tc.vq_start and not ema.initialised:
-                ema.seed(torch.cat([z.detach(), codec.features_to_latent(
-                    codec.encode_features(torch.from_numpy(corpus.batch(tc.batch * 4, crop, rng)).to(device))
-                ).detach()], 0))
-            q, commit, codes = ema.quantize(z, train=True)
+            z = codec.features_to_latent(codec.encode_features(x))
+            q, commit, codes = quantize_for_training(codec, ema, z, step, tc, corpus, crop, rng)
         recon = codec.decode_latent(q)
         parts = spectral_losses(codec, recon, x)
         loss = parts["sc"] + parts["logmag"] + 0.5 * parts["mel"] + 0.5 * parts["complex"] + tc.commit_weight * commit
@@ -251,7 +286,7 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
         opt.step()
         sched.step()
         step += 1
-        if step > tc.vq_start and step % tc.restart_every == 0:
+        if not tc.decoder_from and step > tc.vq_start and step % tc.restart_every == 0:
             ema.restart_dead(z.detach())
         if step % tc.log_every == 0 or step == tc.steps:
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},

@@ -68,3 +68,32 @@ def test_codec_training_lowers_the_loss_and_resumes(tmp_path):
 def test_missing_corpus_says_how_to_build_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m speech.data build"):
         Corpus(tmp_path / "nowhere")
+
+
+def test_decoder_only_training_keeps_every_token_and_improves_the_sound(tmp_path):
+    """--decoder-from: a wider decoder learns to speak the source codec's tokens; the encoder and the
+    codebook do not move, so the tokens (and an LSLM trained on them) stay valid."""
+    import torch
+
+    from speech.checkpoints import load_codec
+
+    data = make_corpus(tmp_path / "corpus")
+    src_tc = CodecTrainConfig(data=str(data), out=str(tmp_path / "src"), steps=40, batch=4, crop_frames=8,
+                              log_every=10, checkpoint_every=40, lr=3e-3, vq_start=10, restart_every=20)
+    train(src_tc, TINY)
+    _, src = load_codec(tmp_path / "src" / "codec.safetensors")
+    tc = CodecTrainConfig(data=str(data), out=str(tmp_path / "dec"), steps=60, batch=4, crop_frames=8,
+                          log_every=10, checkpoint_every=60, lr=3e-3,
+                          decoder_from=str(tmp_path / "src" / "codec.safetensors"), dec_channels=48)
+    train(tc)
+    cfg, student = load_codec(tmp_path / "dec" / "codec.safetensors")
+    assert cfg.dec_channels == 48 and student.dec_head.in_channels == 48
+    wav = torch.from_numpy(next(iter(Corpus(data).utterances("speech", "test", 1)))[: 640 * 20])[None]
+    with torch.no_grad():
+        assert torch.equal(student.encode(wav), src.encode(wav))
+        assert torch.equal(student.quantizer.codebook, src.quantizer.codebook)
+        for name, p in src.named_parameters():
+            if not name.startswith("dec_"):
+                assert torch.equal(p, student.get_parameter(name)), name
+    log = [json.loads(line) for line in (tmp_path / "dec" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]  # the new decoder learned
