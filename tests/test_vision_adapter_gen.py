@@ -22,7 +22,8 @@ from torch import nn
 
 from tests.conftest import free_port
 from tests.vision_fixtures import ToyImageEncoder, tiny_llama, tiny_tokenizer
-from vision.adapter_gen import Adapter, Backbone, GenConfig, generate, meets, pack
+from vision.adapter_gen import Adapter, Backbone, GenConfig, generate, margin, meets, pack
+from vision.adapter_tasks import HELDOUT_SPLITS, build_heldout, load_tasks
 from vision.adapters import read_peft_adapter
 from vision.api import build_router
 from vision.data import DataConfig, build, cache_features, is_correct
@@ -34,15 +35,25 @@ from vision.service import DEFAULT_ADAPTER_DIR, VisionService, VisionServiceConf
 
 # ---------------------------------------------------------------------- greedy packing, with a fake trainer
 class FakeTrainer:
-    """Weights are the set of tasks trained on; accuracy comes from a table of what helps and what hurts."""
+    """Weights are the set of tasks trained on ("+" once trained longer); accuracy comes from a table of what
+    helps and what hurts; a task the weights were not trained on is answered as the base model does."""
 
-    def __init__(self, alone: dict[str, float], conflicts: set[frozenset[str]]) -> None:
-        self.alone, self.conflicts = alone, conflicts
+    def __init__(self, alone: dict[str, float], conflicts: set[frozenset[str]], base: dict[str, float] | None = None,
+                 longer_gain: float = 0.0) -> None:
+        self.alone, self.conflicts, self.base, self.gain = alone, conflicts, base or {}, longer_gain
         self.calls: list[tuple[str, list[str]]] = []
+
+    def identity(self):
+        self.calls.append(("identity", []))
+        return frozenset()
 
     def fresh(self, tasks):
         self.calls.append(("fresh", list(tasks)))
         return frozenset(tasks)
+
+    def longer(self, weights, tasks):
+        self.calls.append(("longer", list(tasks)))
+        return weights | {"+"}
 
     def extend(self, weights, tasks):
         self.calls.append(("extend", list(tasks)))
@@ -51,23 +62,31 @@ class FakeTrainer:
     def accuracy(self, weights, tasks):
         out = {}
         for t in tasks:
-            hurt = any(frozenset((t, o)) in self.conflicts for o in weights if o != t)
-            out[t] = self.alone[t] - (0.3 if hurt else 0.0)
+            if t not in weights:
+                out[t] = self.base.get(t, 0.0)
+                continue
+            hurt = any(frozenset((t, o)) in self.conflicts for o in weights if o not in (t, "+"))
+            out[t] = self.alone[t] + (self.gain if "+" in weights else 0.0) - (0.3 if hurt else 0.0)
         return out
+
+
+def packing(decisions):
+    return [d for d in decisions if d["phase"] == "pack"]
 
 
 def test_greedy_packing_keeps_merges_that_meet_every_target():
     targets = {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5, "e": 0.5}
     # c conflicts with a (so it opens a second adapter), d cannot reach its target even alone
     trainer = FakeTrainer({"a": 0.9, "b": 0.9, "c": 0.7, "d": 0.3, "e": 0.9}, {frozenset("ac")})
-    packed, solo, decisions = pack(list(targets), targets, trainer, progress=False)
+    packed, solo, decisions = pack(list(targets), targets, trainer, progress=False, escalations=0)
     assert [a.tasks for a in packed] == [["a", "b", "e"], ["c"], ["d"]]
     assert [a.name for a in packed] == ["a-b-e", "c", "d"]
     assert set(solo) == set(targets) and all(s.tasks == [t] for t, s in solo.items())
     rejected = [(d["task"], d["into"]) for d in decisions if not d["kept"]]
     assert rejected == [("c", "a-b")]
-    assert not any(d["task"] == "d" and d["into"] for d in decisions)  # below target alone: never tried
+    assert not any(d["task"] == "d" and d.get("into") for d in decisions)  # below target alone: never tried
     assert ("extend", ["a", "b", "e"]) in trainer.calls
+    assert not any(kind in ("longer", "identity") for kind, _ in trainer.calls)
     # every packed adapter's recorded accuracy meets every member's target except the task that cannot
     assert all(meets(a.accuracy, targets) for a in packed if a.tasks != ["d"])
 
@@ -75,11 +94,11 @@ def test_greedy_packing_keeps_merges_that_meet_every_target():
 def test_an_adapter_below_its_target_takes_no_other_task():
     targets = {"d": 0.5, "a": 0.5, "c": 0.5}
     trainer = FakeTrainer({"d": 0.3, "a": 0.7, "c": 0.7}, {frozenset("ac")})
-    packed, _, decisions = pack(["d", "a", "c"], targets, trainer, progress=False)
+    packed, _, decisions = pack(["d", "a", "c"], targets, trainer, progress=False, escalations=0)
     assert [a.tasks for a in packed] == [["d"], ["a"], ["c"]]
     assert not any(kind == "extend" and "d" in tasks for kind, tasks in trainer.calls)
-    assert [(d["task"], d["into"], d["kept"]) for d in decisions] == [("d", None, True), ("a", None, True),
-                                                                      ("c", "a", False), ("c", None, True)]
+    assert [(d["task"], d["into"], d["kept"]) for d in packing(decisions)] == [
+        ("d", None, True), ("a", None, True), ("c", "a", False), ("c", None, True)]
 
 
 def test_a_rejected_merge_leaves_the_adapter_as_it_was():
@@ -87,6 +106,49 @@ def test_a_rejected_merge_leaves_the_adapter_as_it_was():
     packed, _, _ = pack(["a", "b"], targets, FakeTrainer({"a": 0.6, "b": 0.6}, {frozenset("ab")}), progress=False)
     assert [a.weights for a in packed] == [frozenset("a"), frozenset("b")]
     assert isinstance(packed[0], Adapter) and packed[0].accuracy == {"a": 0.6}
+
+
+def test_the_keep_rule_asks_for_a_margin_that_shrinks_with_more_val_questions():
+    assert margin(0.5, 200) == pytest.approx((2 * 0.25 / 200) ** 0.5)  # 0.05
+    assert margin(0.5, 800) == pytest.approx(margin(0.5, 200) / 2) and margin(0.5, 200, z=0) == 0
+    assert margin(0.95, 200) < margin(0.6, 200)  # near 1 the estimate is surer
+    m = {"a": margin(0.6, 200)}
+    assert meets({"a": 0.6}, {"a": 0.6}) and not meets({"a": 0.6}, {"a": 0.6}, m)
+    assert meets({"a": 0.6 + m["a"]}, {"a": 0.6}, m)
+    # a task at its target plus less than the margin is not packed, nor taken as meeting it
+    trainer = FakeTrainer({"a": 0.62, "b": 0.9}, set())
+    packed, _, _ = pack(["a", "b"], {"a": 0.6, "b": 0.6}, trainer, progress=False, escalations=0,
+                        margins={"a": m["a"], "b": m["a"]})
+    assert [a.tasks for a in packed] == [["a"], ["b"]]
+
+
+def test_a_task_that_misses_alone_is_escalated_and_the_better_kept():
+    targets = {"a": 0.5, "b": 0.5}
+    trainer = FakeTrainer({"a": 0.45, "b": 0.9}, set(), longer_gain=0.1)
+    packed, solo, decisions = pack(["a", "b"], targets, trainer, progress=False, escalations=2, steps=10,
+                                   merge_steps=5)
+    assert [kind for kind, tasks in trainer.calls if tasks == ["a"]] == ["fresh", "longer"]  # met after one
+    assert solo["a"].accuracy == {"a": pytest.approx(0.55)} and solo["a"].steps == 20
+    esc = [d for d in decisions if d["action"].startswith("escalation")]
+    assert [(d["task"], d["steps"], d["kept"]) for d in esc] == [("a", 20, True)]
+    assert [a.tasks for a in packed] == [["a", "b"]] and packed[0].steps == 25  # then packable
+    # no gain: escalated up to the bound, the first adapter kept, never packed
+    trainer = FakeTrainer({"a": 0.45, "b": 0.9}, set(), longer_gain=-0.1)
+    packed, solo, decisions = pack(["a", "b"], targets, trainer, progress=False, escalations=2, steps=10)
+    assert [kind for kind, tasks in trainer.calls if tasks == ["a"]] == ["fresh", "longer", "longer"]
+    assert solo["a"].steps == 10 and solo["a"].weights == frozenset("a")
+    assert [a.tasks for a in packed] == [["a"], ["b"]]
+
+
+def test_a_task_the_base_model_meets_gets_no_training_and_packs_as_it_is():
+    targets = {"a": 0.5, "s": 0.9}
+    trainer = FakeTrainer({"a": 0.8}, set(), base={"a": 0.2, "s": 0.99})
+    packed, solo, decisions = pack(["a", "s"], targets, trainer, progress=False, base={"a": 0.2, "s": 0.99},
+                                   steps=10, merge_steps=5)
+    assert solo["s"].weights == frozenset() and solo["s"].steps == 0
+    assert ("fresh", ["s"]) not in trainer.calls and not any(kind == "extend" for kind, _ in trainer.calls)
+    assert [a.tasks for a in packed] == [["a", "s"]] and packed[0].steps == 10  # the merge cost no training
+    assert packing(decisions)[-1]["action"] == "as it is, no training"
 
 
 # ---------------------------------------------------------------------- a tiny real run, end to end
@@ -108,24 +170,50 @@ def tiny_run(tmp_path_factory):
     build(DataConfig(images=(40, 16, 16), texts=(1, 1, 1)), data, features=False, progress=False)
     for split in ("train", "val", "test"):
         cache_features(data, split, progress=False, encoder=PixelFeatures())
+    for i, split in enumerate(HELDOUT_SPLITS.values()):
+        build_heldout(data, split, 4, seed=i, progress=False, encoder=PixelFeatures())
     tok = tiny_tokenizer()
     base = tiny_llama(len(tok))
     torch.manual_seed(0)
     projector = nn.Sequential(nn.Linear(1280, 64), nn.GELU(), nn.Linear(64, 64))
-    cfg = GenConfig(tasks=("colour", "grounding"), targets={"colour": 0.0, "grounding": 0.0}, data=data,
-                    out=root / "run", export=root / "export", rank=4, alpha=8, steps=3, merge_steps=2, batch=4,
-                    train_examples=12, val_examples=6, dtype="float32")
-    report = generate(cfg, Backbone(copy.deepcopy(base), tok, projector, name="tiny-llama"), progress=False)
-    return report, cfg, tok, base
+    runs = {}
+    # targets of 0: the base model meets both, so no training, and one adapter takes both as it is;
+    # targets of 1 (a tiny random model answers none): both are trained, escalated once, and never packed
+    for name, target in (("met", 0.0), ("missed", 1.0)):
+        cfg = GenConfig(tasks=("colour", "grounding"), targets={"colour": target, "grounding": target}, data=data,
+                        out=root / name, export=root / name / "export", rank=4, alpha=8, steps=3, merge_steps=2,
+                        batch=4, train_examples=12, val_examples=6, heldout=4, escalations=1, dtype="float32")
+        runs[name] = generate(cfg, Backbone(copy.deepcopy(base), tok, projector, name="tiny-llama"), progress=False), cfg
+    return runs, tok, base
+
+
+def test_held_out_splits_are_new_images_with_enough_questions_per_task(tiny_run):
+    runs, _, _ = tiny_run
+    data = runs["met"][1].data
+    tasks = load_tasks(data, ["colour", "grounding", "counting", "scene", "reading"], heldout=4)
+    for td in tasks:
+        extra = {s: [e for e in td.split(s) if e.split in HELDOUT_SPLITS.values()] for s in ("val", "test")}
+        assert len(extra["val"]) == len(extra["test"]) == 4, td.name
+        images = {s: {e.image for e in td.split(s)} for s in ("train", "val", "test")}
+        assert not (images["train"] & images["val"] or images["train"] & images["test"] or images["val"] & images["test"])
+        assert all((data / p).is_file() for p in images["val"] | images["test"])
+        assert len(images["test"]) == len(td.test)  # one question of a task per image: independent questions
 
 
 def test_tiny_generate_writes_peft_folders_and_a_report(tiny_run):
-    report, cfg, _, base = tiny_run
-    # targets of 0 accept every merge: both tasks in one adapter; the per-task adapters are kept aside
+    runs, _, base = tiny_run
+    report, cfg = runs["met"]
     assert [a["tasks"] for a in report["adapters"]] == [["colour", "grounding"]]
-    assert report["tasks"]["grounding"]["adapter"] == "colour-grounding"
-    assert [d["kept"] for d in report["decisions"] if d["into"]] == [True]
-    folder = cfg.export / "colour-grounding"
+    assert report["tasks"]["grounding"]["adapter"] == "colour-grounding" and report["adapters"][0]["steps"] == 0
+    assert [d["action"] for d in report["decisions"] if d["phase"] == "own"] == [
+        "base model meets the target: identity adapter"] * 2
+    assert [(d["kept"], d["action"]) for d in report["decisions"] if d.get("into")] == [(True, "as it is, no training")]
+    report, cfg = runs["missed"]
+    assert [a["tasks"] for a in report["adapters"]] == [["colour"], ["grounding"]]
+    assert [d["action"] for d in report["decisions"] if d["phase"] == "own"] == [
+        "own adapter", "escalation 1: 3 more steps"] * 2
+    assert all(not t["meets"] and t["val"] == 6 and t["margin"] == 0 for t in report["tasks"].values())
+    folder = cfg.export / "colour"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-llama"
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
@@ -140,7 +228,8 @@ def test_tiny_generate_writes_peft_folders_and_a_report(tiny_run):
 
 
 def test_generated_adapter_is_served_through_the_api(tiny_run):
-    report, cfg, tok, base = tiny_run
+    runs, tok, base = tiny_run
+    cfg = runs["met"][1]
     lm = copy.deepcopy(base)
     model = VisionLanguageModel("tiny", PackedDecoder(lm), tok, ToyImageEncoder(lm.config.hidden_size), {2})
     service = VisionService(model, VisionServiceConfig(
@@ -199,6 +288,24 @@ def fresh_questions(task: str, n: int, seed: int = 1234):
             image.save(buf, "PNG")
             out.append((f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}", qa.question, qa.answer))
     return out
+
+
+@pytest.mark.skipif(not GENERATION.is_file(), reason="no committed adapters (python -m vision.adapters generate)")
+def test_committed_generation_report_follows_the_keep_rule():
+    """What generation.json says was kept, packed and escalated agrees with its own keep rule and numbers."""
+    gen = json.loads(GENERATION.read_text())
+    cfg = gen["config"]
+    for name, t in gen["tasks"].items():
+        assert t["val"] >= 150 and t["test"] >= 150, name  # large enough to decide with
+        assert t["margin"] == pytest.approx(margin(t["target"], t["val"], cfg["z"]), abs=1e-4)
+        assert t["meets"] == (t["val_accuracy"] >= t["target"] + t["margin"] - 1e-9)
+        tried = [d for d in gen["decisions"] if d["task"] == name and d["action"].startswith("escalation")]
+        if not (t["base_val_accuracy"] >= t["target"] + t["margin"]) and t["solo_val_accuracy"] < t["target"] + t["margin"]:
+            assert len(tried) == cfg["escalations"], name  # a task that missed alone was escalated to the bound
+    for a in gen["adapters"]:
+        if len(a["tasks"]) > 1:  # a shared adapter: every member met its target with the margin
+            assert all(gen["tasks"][t]["meets"] for t in a["tasks"]), a["name"]
+    assert len(gen["adapters"]) < len(gen["tasks"])
 
 
 @pytest.mark.skipif(not GENERATION.is_file(), reason="no committed adapters (python -m vision.adapters generate)")

@@ -10,7 +10,8 @@ three arms on the same trace (all the tasks' questions submitted at once):
 * ``per_task``: each question names its task's own adapter (``OUT/solo/`` of the generation run), when present.
 
 Accuracy is exact match after :func:`vision.data.normalize_answer`; each arm's wall time and mean
-request latency are reported too. ``--quick`` answers 3 questions per task (under a minute on this CPU).
+request latency are reported too, and the val accuracies of generation.json (teacher-forced) beside them.
+``--quick`` answers 3 questions per task (under a minute on this CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vision.adapter_tasks import load_tasks
+from vision.adapter_tasks import HELDOUT, load_tasks
 from vision.data import DEFAULT_OUT, QUICK_OUT, DataConfig, Example, build, is_correct
 from vision.evaluate import load_plain, run_greedy
 from vision.images import ImageLimits, load_image
@@ -44,7 +45,7 @@ def serve(service: VisionService, jobs: list[tuple[Example, str | None]], folder
 
 
 def evaluate(folder: Path, adapters: Path = DEFAULT_ADAPTER_DIR, solo: Path | None = None, per_task: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, heldout: int = HELDOUT) -> dict[str, Any]:
     t_start = time.monotonic()
     say = print if progress else (lambda *a, **k: None)
     gen_file = adapters / "generation.json"
@@ -52,7 +53,8 @@ def evaluate(folder: Path, adapters: Path = DEFAULT_ADAPTER_DIR, solo: Path | No
         raise FileNotFoundError(f"{gen_file} not found: generate the adapters first (python -m vision.adapters generate)")
     gen = json.loads(gen_file.read_text())
     names = list(gen["tasks"])
-    tasks = load_tasks(folder, names, {n: t["target"] for n, t in gen["tasks"].items()}, test=per_task)
+    tasks = load_tasks(folder, names, {n: t["target"] for n, t in gen["tasks"].items()}, test=per_task,
+                       heldout=heldout)
     solo = solo if solo is not None else Path(gen.get("solo_dir", "runs/adapters/solo"))
     service = VisionService(load_plain(PROJECTOR_FILE), VisionServiceConfig(lora_slots=8, max_lora_rank=64,
                                                                scheduler=SchedulerConfig(max_running=16, max_len=512,
@@ -96,9 +98,11 @@ def evaluate(folder: Path, adapters: Path = DEFAULT_ADAPTER_DIR, solo: Path | No
         service.stop()
     out_tasks = {}
     for td in tasks:
+        g = gen["tasks"][td.name]
         row = {"accuracy": results["packed"][td.name], "target": td.target, "base_accuracy": results["base"][td.name],
-               "adapter": packed_of[td.name], "questions": len(td.test),
-               "val_accuracy": gen["tasks"][td.name]["val_accuracy"]}
+               "adapter": packed_of[td.name], "questions": len(td.test), "val_questions": g.get("val"),
+               "val_accuracy": g["val_accuracy"], "val_base_accuracy": g.get("base_val_accuracy"),
+               "val_per_task_accuracy": g.get("solo_val_accuracy"), "val_meets": g.get("meets")}
         if "per_task" in results:
             row["per_task_accuracy"] = results["per_task"][td.name]
         row["meets_target"] = row["accuracy"] >= td.target
@@ -118,12 +122,19 @@ def print_table(res: dict[str, Any]) -> None:
     per = "per_task_accuracy" in next(iter(res["tasks"].values()))
     print(f"\ntest questions, exact match; {res['adapter_count']['packed']} packed adapters for "
           f"{res['adapter_count']['per_task']} tasks\n")
-    print("| task | n | target | base | one adapter per task | packed | adapter |\n|---|---|---|---|---|---|---|")
+    print("| task | target | n val / test | base val / test | own adapter val / test | packed val / test | adapter |\n"
+          "|---|---|---|---|---|---|---|")
+
+    def pair(v: float | None, t: float | None) -> str:
+        return f"{'—' if v is None else f'{v:.3f}'} / {'—' if t is None else f'{t:.3f}'}"
+
     for name, r in res["tasks"].items():
-        alone = f"{r['per_task_accuracy']:.3f}" if per else "—"
-        flag = "" if r["meets_target"] else " (below target)"
-        print(f"| {name} | {r['questions']} | {r['target']:.2f} | {r['base_accuracy']:.3f} | {alone} | "
-              f"{r['accuracy']:.3f}{flag} | {r['adapter']} |")
+        flag = "" if r["meets_target"] else " (test below target)"
+        flag += "" if r.get("val_meets", True) in (True, None) else " (val below target + margin)"
+        print(f"| {name} | {r['target']:.2f} | {r.get('val_questions') or '—'} / {r['questions']} | "
+              f"{pair(r.get('val_base_accuracy'), r['base_accuracy'])} | "
+              f"{pair(r.get('val_per_task_accuracy'), r.get('per_task_accuracy') if per else None)} | "
+              f"{pair(r['val_accuracy'], r['accuracy'])}{flag} | {r['adapter']} |")
     for arm, t in res["serving"].items():
         print(f"serving {arm}: {t['seconds']} s for the trace, mean latency {t['mean_latency_s']} s")
     print(f"all targets met: {res['all_targets_met']}")
@@ -147,7 +158,8 @@ def run_cli(args: argparse.Namespace) -> None:
         print(f"{folder} not found: building the synthetic data")
         build(DataConfig.quick() if folder == QUICK_OUT else DataConfig(), folder, features=False)
     n = args.limit if args.limit is not None else (3 if args.quick else None)
-    res = evaluate(folder, args.adapters, args.solo, n)
+    # --quick reads the data's own test questions only (no held-out split to render)
+    res = evaluate(folder, args.adapters, args.solo, n, heldout=0 if args.quick else HELDOUT)
     print_table(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
