@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-encoder", action="store_true", help="reuse stage 1 from OUT/last.pt")
     ap.add_argument("--export", type=Path, default=None, help="copy the best weights here (e.g. vision/weights3d)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--patches", type=int, default=Train3DConfig.n_patches, help="spatial tokens per cloud")
+    ap.add_argument("--patch-size", type=int, default=Train3DConfig.patch_size, help="points per patch")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = Train3DConfig(
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         out=a.out or Path("runs/train3d-quick" if a.quick else "runs/train3d"),
         encoder_steps=a.encoder_steps if a.encoder_steps is not None else (20 if a.quick else 400),
         lm_steps=a.lm_steps if a.lm_steps is not None else (4 if a.quick else 400),
-        batch=a.batch, max_minutes=a.max_minutes, seed=a.seed,
+        batch=a.batch, max_minutes=a.max_minutes, seed=a.seed, n_patches=a.patches, patch_size=a.patch_size,
         eval_every=2 if a.quick else 50, eval_examples=8 if a.quick else 96,
     )
     summary = run(cfg, a.skip_encoder)
