@@ -17,15 +17,21 @@ from speech.config import CodecConfig, LSLMConfig
 from speech.lslm import LSLM
 
 
+def save_atomic(path: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary name: a crash mid-write never leaves a truncated
+    checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 def _save(path: str | Path, module, kind: str, cfg) -> None:
     from dataclasses import asdict
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"kind": kind, "config": json.dumps(asdict(cfg))})
-    tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+    save_atomic(path, sd, {"kind": kind, "config": json.dumps(asdict(cfg))})
 
 
 def _load(path: str | Path, kind: str) -> tuple[dict, dict]:
@@ -74,11 +80,8 @@ def write_irq_policy(path: str | Path, margin: float, frames: int, note: str) ->
         meta = f.metadata() or {}
     if meta.get("kind") != "lslm":
         raise ValueError(f"{path} is not an lslm checkpoint")
-    sd = load_file(str(path))
     meta["irq_policy"] = json.dumps({"irq_margin": margin, "irq_frames": frames, "fitted_on": note})
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_atomic(path, load_file(str(path)), meta)
 
 
 def load_lslm(path: str | Path) -> tuple[LSLMConfig, LSLM]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def build_model(weights: str | Path, lslm_path: str | Path | None, capacity: int
         raise FileNotFoundError(f"no trained LSLM at {lslm_file}: train one with `python -m speech.train`")
     lslm_cfg, lslm = load_lslm(lslm_file)
     irq = load_irq_policy(lslm_file)
-    if irq_margin == irq_margin:
+    if not math.isnan(irq_margin):
         irq["irq_margin"] = irq_margin
     if irq_frames:
         irq["irq_frames"] = irq_frames
@@ -243,7 +244,8 @@ def evaluate(ec: EvalConfig, model: DuplexVoiceModel | None = None, asr: Whisper
     asr = asr or WhisperASR(ec.asr_model or None)
     maker = SceneMaker(corpus, ec, model.frame_size, model.frame_rate)
     frame_ms = 1000.0 / model.frame_rate
-    config = {k: (None if v != v else v) for k, v in asdict(ec).items()}  # nan (from the checkpoint): null
+    config = {k: (None if isinstance(v, float) and math.isnan(v) else v)  # nan (from the checkpoint): null
+              for k, v in asdict(ec).items()}
     report: dict = {"config": config, "model": model.weights_note, "scenes": {},
                     "irq_policy": {"irq_margin": model.cfg.irq_margin, "irq_frames": model.cfg.irq_frames}}
     wer_inputs: dict[str, tuple[list[str], list[np.ndarray]]] = {}

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from speech.checkpoints import save_atomic
 
 
 def export_half(src: str | Path, dst: str | Path) -> tuple[int, int]:
@@ -23,10 +25,7 @@ def export_half(src: str | Path, dst: str | Path) -> tuple[int, int]:
     if "kind" not in meta:
         raise ValueError(f"{src} has no checkpoint metadata; is it one of ours?")
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(src)).items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={**meta, "stored_dtype": "float16"})
-    tmp.replace(dst)
+    save_atomic(dst, tensors, {**meta, "stored_dtype": "float16"})
     return src.stat().st_size, dst.stat().st_size
 
 
