@@ -55,6 +55,8 @@ class EvalConfig:
     seed: int = 0
     irq_margin: float = float("nan")  # nan: the IRQ decision stored with the checkpoint (speech.calibrate)
     irq_frames: int = 0  # 0: from the checkpoint
+    temperature: float = 0.0  # speech-token sampling; 0: greedy, as the server decodes
+    top_k: int = 50
 
 
 @dataclass
@@ -75,7 +77,8 @@ class Outcome:
 
 
 def build_model(weights: str | Path, lslm_path: str | Path | None, capacity: int,
-                device: str = "cpu", irq_margin: float = float("nan"), irq_frames: int = 0) -> DuplexVoiceModel:
+                device: str = "cpu", irq_margin: float = float("nan"), irq_frames: int = 0,
+                temperature: float = 0.0, top_k: int = 50) -> DuplexVoiceModel:
     """The serving model from a weights folder (or another LSLM file); the IRQ decision is the
     checkpoint's unless ``irq_margin`` / ``irq_frames`` are given."""
     weights = Path(weights)
@@ -89,7 +92,7 @@ def build_model(weights: str | Path, lslm_path: str | Path | None, capacity: int
         irq["irq_margin"] = irq_margin
     if irq_frames:
         irq["irq_frames"] = irq_frames
-    cfg = VoiceModelConfig(codec=codec_cfg, lslm=lslm_cfg, **irq)
+    cfg = VoiceModelConfig(codec=codec_cfg, lslm=lslm_cfg, temperature=temperature, top_k=top_k, **irq)
     return DuplexVoiceModel(cfg, capacity, device, codec=codec, lslm=lslm, weights_note=str(lslm_file))
 
 
@@ -240,7 +243,7 @@ def evaluate(ec: EvalConfig, model: DuplexVoiceModel | None = None, asr: Whisper
              with_vad: bool = True) -> dict:
     corpus = Corpus(ec.data)
     model = model or build_model(ec.weights, ec.lslm or None, ec.batch, irq_margin=ec.irq_margin,
-                                 irq_frames=ec.irq_frames)
+                                 irq_frames=ec.irq_frames, temperature=ec.temperature, top_k=ec.top_k)
     asr = asr or WhisperASR(ec.asr_model or None)
     maker = SceneMaker(corpus, ec, model.frame_size, model.frame_rate)
     frame_ms = 1000.0 / model.frame_rate

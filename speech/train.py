@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from speech.checkpoints import load_codec, load_lslm, save_lslm
 from speech.codec import SpeechCodec
 from speech.config import LSLMConfig
 from speech.corpus import Corpus
+from speech.guided import GuidedAttention
 from speech.lslm import LSLM
 from speech.recipe import finish_report, parse_recipe_args
 from speech.text import PhonemeTokenizer, phonemize
@@ -50,6 +52,9 @@ class LSLMTrainConfig:
     p_distractor: float = 0.25
     listen_norm: bool = True  # normalised listening features (LSLMConfig.listen_norm); the shipped default: False
     control_weight: float = 3.0  # loss weight of the IRQ / EOS targets: one per sequence among ~50 codes
+    guided_attention: float = 0.0  # weight of the guided-attention loss (speech.guided); 0: off
+    guided_sigma: float = 0.2  # width g of the diagonal prior, as a fraction of the text and the speech
+    dropout: float = 0.0  # LSLMConfig.dropout of a new run (residual branches); the shipped model trained without
     seed: int = 0
     device: str = "auto"
     log_every: int = 50
@@ -146,7 +151,7 @@ class SampleMaker:
         m = len(targets)
         speech_in = np.concatenate([[cfg.speech_bos_id], u.codes[: m - 1]])
         return {"text": u.phoneme_ids, "speech_in": speech_in, "targets": targets,
-                "listen": listen[: m * self.fs], "t_int": t_int}
+                "listen": listen[: m * self.fs], "t_int": t_int, "n_frames": n + 1}
 
     def _place(self, listen: np.ndarray, entry: dict, frame: int, rng: np.random.Generator) -> None:
         clip = self.corpus.audio("listen", entry) * 10 ** (rng.uniform(-10, 0) / 20)
@@ -179,7 +184,9 @@ def collate(samples: list[dict], codec: SpeechCodec, device) -> dict[str, torch.
     for i, s in enumerate(samples):
         lt, ls = len(s["text"]), len(s["speech_in"])
         feats[i, lt : lt + ls] = feats_s[i, :ls]
-    return {"ids": ids.to(device), "is_speech": is_speech.to(device), "targets": targets.to(device), "feats": feats}
+    n_frames = torch.tensor([s["n_frames"] for s in samples], device=device)
+    return {"ids": ids.to(device), "is_speech": is_speech.to(device), "targets": targets.to(device), "feats": feats,
+            "n_frames": n_frames}
 
 
 def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LSLMConfig, control_weight: float) -> torch.Tensor:
@@ -222,7 +229,8 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
     else:
         cfg = model_cfg or LSLMConfig()
         cfg = LSLMConfig(**{**asdict(cfg), "fusion": tc.fusion, "tokenizer": "phonemes", "listen_norm": tc.listen_norm,
-                            "codebook_size": codec_cfg.codebook_size, "listen_dim": codec_cfg.channels})
+                            "codebook_size": codec_cfg.codebook_size, "listen_dim": codec_cfg.channels,
+                            "dropout": tc.dropout or cfg.dropout})
         model = LSLM(cfg)
     model.to(device).train()
     lim = tc.max_utterances
@@ -247,10 +255,15 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=tc.steps, initial=step, desc=f"lslm {tc.fusion}/{tc.setting}", unit="step", dynamic_ncols=True)
     buckets = LengthBuckets(train_utts, tc.batch)
+    guide = GuidedAttention(model, sigma=tc.guided_sigma) if tc.guided_attention > 0 else None
     while step < tc.steps:
         batch = collate([maker.make(train_utts[i], rng) for i in buckets.draw(rng)], codec, device)
-        logits = model.forward_packed(batch["ids"], batch["is_speech"], batch["feats"])
-        loss = weighted_loss(logits, batch["targets"], cfg, tc.control_weight)
+        with guide.recording() if guide else nullcontext():
+            logits = model.forward_packed(batch["ids"], batch["is_speech"], batch["feats"])
+            loss = weighted_loss(logits, batch["targets"], cfg, tc.control_weight)
+            if guide:
+                guided = guide.loss(batch["is_speech"], batch["targets"], batch["n_frames"])
+                loss = loss + tc.guided_attention * guided
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,6 +272,8 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
         step += 1
         if step % tc.log_every == 0 or step == tc.steps:
             rec = {"step": step, "loss": float(loss.detach()), **control_accuracy(logits.detach(), batch["targets"], cfg)}
+            if guide:
+                rec["guided"] = float(guided.detach())
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", irq=f"{rec['irq_hit']:.2f}", acc=f"{rec['code_acc']:.2f}")
@@ -283,10 +298,14 @@ def evaluate_teacher_forced(model: LSLM, utts: list[Utterance], maker: SampleMak
         return {"val_loss": float("nan")}
     model.eval()
     batch = collate([maker.make(utts[i % len(utts)], rng) for i in range(min(n, 4 * len(utts)))], codec, device)
-    logits = model.forward_packed(batch["ids"], batch["is_speech"], batch["feats"])
+    guide = GuidedAttention(model)
+    with guide.recording():
+        logits = model.forward_packed(batch["ids"], batch["is_speech"], batch["feats"])
+        alignment = guide.best_head_cost(batch["is_speech"], batch["targets"], batch["n_frames"])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=-100)
     model.train()
-    return {"val_loss": float(loss), **control_accuracy(logits, batch["targets"], model.cfg)}
+    return {"val_loss": float(loss), **control_accuracy(logits, batch["targets"], model.cfg),
+            "alignment_cost": alignment}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         tc.max_utterances = 48
         model_cfg = LSLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, max_text_len=256, max_speech_len=200)
     report = train(tc, model_cfg)
-    finish_report(report, ["val_loss", "irq_hit", "eos_hit", "false_irq", "code_acc", "steps"], json_path)
+    finish_report(report, ["val_loss", "irq_hit", "eos_hit", "false_irq", "code_acc", "alignment_cost", "steps"],
+                  json_path)
     return 0
 
 

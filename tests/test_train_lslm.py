@@ -75,3 +75,16 @@ def test_lslm_training_learns_and_resumes(tmp_path):
     assert np.isfinite(report["val_loss"])
     tc.steps = 70
     assert train(tc, tiny)["steps"] == 70
+
+
+def test_guided_attention_in_the_recipe(tmp_path):
+    data = add_text_and_kinds(make_corpus(tmp_path / "c"))
+    save_codec(tmp_path / "codec.safetensors", SpeechCodec(TINY))
+    tiny = LSLMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_text_len=128, max_speech_len=80)
+    tc = LSLMTrainConfig(data=str(data), codec=str(tmp_path / "codec.safetensors"), out=str(tmp_path / "run"),
+                         steps=60, batch=4, lr=3e-3, log_every=10, checkpoint_every=60, max_frames=60,
+                         guided_attention=1.0)
+    train(tc, tiny)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all("guided" in r for r in log)
+    assert log[-1]["guided"] < 0.9 * log[0]["guided"]  # the first record is step 10: much is learned by then
