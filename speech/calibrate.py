@@ -8,8 +8,10 @@ run. That is exact, not an estimate: speech tokens are chosen among the other ou
 policy, so every policy's run equals this one until the frame it stops at (tested).
 
 The chosen pair is the best mean interruption F1 (clean and noisy) whose false-interruption rate on
-noise alone stays within ``--max-false``; ``--write`` stores it in the LSLM checkpoint's metadata,
-where serving and ``speech.evaluate`` read it.
+noise alone stays within ``--max-false``, among margins of at least ``--min-margin`` (0 by default:
+IRQ must be the model's own top choice; a negative margin fires while IRQ merely trails the top
+output, which near the end of an answer, where EOS and IRQ both rise, stops on faint noise);
+``--write`` stores it in the LSLM checkpoint's metadata, where serving and ``speech.evaluate`` read it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class CalibConfig:
     utterances: int = 150  # per scene
     batch: int = 16
     max_false: float = 0.02  # false interruptions allowed on noise alone
+    min_margin: float = 0.0  # the lowest margin considered (0: IRQ must be the argmax)
     seed: int = 0
 
 
@@ -82,9 +85,13 @@ def score_policy(scenes: dict[str, tuple[list[Trial], list[Outcome]]], margin: f
     return row
 
 
-def choose(rows: list[dict[str, float]], max_false: float) -> dict[str, float]:
-    """Best mean F1 (to 0.1 point) within the false-interruption budget; then fewer false stops on
-    other words, then faster. When no policy fits the budget, the one with the fewest false interruptions on noise."""
+def choose(rows: list[dict[str, float]], max_false: float, min_margin: float = 0.0) -> dict[str, float]:
+    """Best mean F1 (to 0.1 point) within the false-interruption budget, among margins >= ``min_margin``;
+    then fewer false stops on other words, then faster. When no policy fits the budget, the one with the
+    fewest false interruptions on noise."""
+    rows = [r for r in rows if r["irq_margin"] >= min_margin]
+    if not rows:
+        raise ValueError(f"no policy in the grid has a margin >= {min_margin}")
     ok = [r for r in rows if r["false_noise"] <= max_false]
     if not ok:
         return min(rows, key=lambda r: (r["false_noise"], -r["f1_mean"]))
@@ -102,7 +109,7 @@ def calibrate(cc: CalibConfig, margins=DEFAULT_MARGINS, frames=DEFAULT_FRAMES) -
         trials = maker.trials(scene, ec.utterances)
         scenes[scene] = (trials, run_model(model, trials, f"{scene} ({cc.split})"))
     rows = [score_policy(scenes, m, k, maker.mu, frame_ms) for k in frames for m in margins]
-    best = choose(rows, cc.max_false)
+    best = choose(rows, cc.max_false, cc.min_margin)
     argmax = score_policy(scenes, 0.0, 1, maker.mu, frame_ms)
     return {"config": asdict(cc), "model": model.weights_note, "chosen": best, "argmax": argmax, "grid": rows}
 
@@ -164,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(cc.lslm) if cc.lslm else Path(cc.weights) / "lslm.safetensors"
         c = report["chosen"]
         write_irq_policy(target, c["irq_margin"], int(c["irq_frames"]),
-                         f"{cc.split} split, {cc.utterances} utterances per scene, max false {cc.max_false}")
+                         f"{cc.split} split, {cc.utterances} utterances per scene, max false {cc.max_false}, "
+                         f"min margin {cc.min_margin}")
         print(f"wrote irq_margin={c['irq_margin']}, irq_frames={int(c['irq_frames'])} into {target}")
     return 0
 

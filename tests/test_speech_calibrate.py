@@ -82,6 +82,12 @@ def test_scoring_and_choice_respect_the_false_interruption_budget():
     assert held["reaction_ms_clean"] == (21 + 1 - 15) * 40.0
     assert choose([argmax_like, held], max_false=0.02) is held
     assert choose([argmax_like], max_false=0.02) is argmax_like  # nothing fits: the fewest false stops
+    # a negative margin fires while IRQ only trails the top output: left out unless asked for
+    trailing = score_policy(scenes, -1.0, 2, mu, 40.0)
+    assert choose([trailing, held], max_false=1.0) is held
+    assert choose([trailing], max_false=1.0, min_margin=-1.0) is trailing
+    with pytest.raises(ValueError, match="margin"):
+        choose([trailing], max_false=1.0)
 
 
 def test_the_fitted_policy_travels_with_the_checkpoint(tmp_path):
