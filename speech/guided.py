@@ -67,30 +67,27 @@ class GuidedAttention:
         is_speech (B, T); targets (B, T), -100 where no loss; n_frames (B,) the utterance's full length
         in frames (the diagonal's T: an interrupted row stops early but reads at the same pace).
         """
-        if not self.qkv:
-            raise RuntimeError("no attention recorded: run the model's forward inside recording()")
-        w = self.weights(is_speech, targets, n_frames)
-        scored = (targets != -100) & is_speech
-        per_block = [(self.head_attention(qkv) * w).sum(-1)[scored].mean() for qkv in self.qkv]
-        return torch.stack(per_block).mean()
+        return self._costs(is_speech, targets, n_frames, heads=[self.head]).mean()
 
     @torch.no_grad()
     def best_head_cost(self, is_speech: Tensor, targets: Tensor, n_frames: Tensor) -> float:
         """The lowest off-diagonal mass of any head in any block: how well the model's best head reads the
         text in order (near 0: along the diagonal; about 0.9: anywhere else). Works for unguided models too."""
-        w = self.weights(is_speech, targets, n_frames)
-        scored = (targets != -100) & is_speech
-        costs = [(self.head_attention(qkv, h) * w).sum(-1)[scored].mean()
-                 for qkv in self.qkv for h in range(self.model.cfg.n_heads)]
-        return float(torch.stack(costs).min())
+        return float(self._costs(is_speech, targets, n_frames, heads=range(self.model.cfg.n_heads)).min())
 
-    def weights(self, is_speech: Tensor, targets: Tensor, n_frames: Tensor) -> Tensor:
+    def _costs(self, is_speech: Tensor, targets: Tensor, n_frames: Tensor, heads) -> Tensor:
+        """Off-diagonal mass of each recorded block's ``heads``, averaged over the scored speech positions."""
+        if not self.qkv:
+            raise RuntimeError("no attention recorded: run the model's forward inside recording()")
+        w = self.weights(is_speech, n_frames)
+        scored = (targets != -100) & is_speech
+        return torch.stack([(self.head_attention(qkv, h) * w).sum(-1)[scored].mean() for qkv in self.qkv for h in heads])
+
+    def weights(self, is_speech: Tensor, n_frames: Tensor) -> Tensor:
         """W (B, T_query, T_key): the diagonal prior on text keys, 1 on speech keys."""
-        b, t = is_speech.shape
+        t = is_speech.shape[1]
         dev = is_speech.device
-        text_len = is_speech.float().argmax(
-            1, keepdim=True
-        )  # rows are [text, speech, pad]: the first speech position
+        text_len = is_speech.float().argmax(1, keepdim=True)  # rows are [text, speech, pad]: the first speech position
         pos = torch.arange(t, device=dev)[None]
         frame = (pos - text_len).clamp_min(0)  # speech frame index of each query
         n = text_len.clamp_min(1).float()
@@ -98,4 +95,4 @@ class GuidedAttention:
         query_frac = (frame + 0.5) / n_frames.to(dev).float()[:, None].clamp_min(1)
         diag = 1 - torch.exp(-((key_frac[:, None, :] - query_frac[:, :, None]) ** 2) / (2 * self.sigma**2))
         is_text_key = (pos < text_len)[:, None, :]
-        return torch.where(is_text_key, diag, torch.ones_like(diag)).expand(b, t, t)
+        return torch.where(is_text_key, diag, torch.ones_like(diag))

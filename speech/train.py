@@ -50,7 +50,7 @@ class LSLMTrainConfig:
     p_noise: float = 0.5
     p_interrupt: float = 0.5
     p_distractor: float = 0.25
-    listen_norm: bool = True  # normalised listening features (LSLMConfig.listen_norm); the shipped default: False
+    listen_norm: bool = True  # normalised listening features (LSLMConfig.listen_norm), as the shipped model
     control_weight: float = 3.0  # loss weight of the IRQ / EOS targets: one per sequence among ~50 codes
     guided_attention: float = 0.0  # weight of the guided-attention loss (speech.guided); 0: off
     guided_sigma: float = 0.2  # width g of the diagonal prior, as a fraction of the text and the speech

@@ -36,8 +36,8 @@ def packed(text_lens: list[int], speech_lens: list[int]) -> tuple[torch.Tensor, 
 
 
 def test_prior_is_the_diagonal_per_row():
-    ids, is_speech, targets = packed([6, 3], [12, 20])
-    w = GuidedAttention(LSLM(CFG)).weights(is_speech, targets, torch.tensor([12, 20]))
+    _, is_speech, _ = packed([6, 3], [12, 20])
+    w = GuidedAttention(LSLM(CFG)).weights(is_speech, torch.tensor([12, 20]))
     for row, (text_len, frames) in enumerate([(6, 12), (3, 20)]):
         for frame in range(frames):
             q = text_len + frame
