@@ -111,8 +111,10 @@ random_event = st.fixed_dictionaries(
                                        "item_id", "audio_end_ms", "content_index", "previous_item_id")},
 ).map(json.dumps).filter(lambda s: len(s.encode()) < FRAME_LIMIT)  # several huge fields can add up past it
 text_frame = st.text(max_size=200) | json_value.map(json.dumps) | mutated_event() | random_event
+odd_audio = st.binary(max_size=4000).map(lambda b: b"\x01" + b + bytes((len(b) + 1) % 2))  # half a sample: invalid_audio
 binary_frame = st.binary(max_size=64) | st.tuples(st.integers(0, 255), st.binary(max_size=4000)).map(
-    lambda t: bytes([t[0]]) + t[1]) | st.integers(MAX_AUDIO // 2, MAX_AUDIO).map(lambda n: b"\x01" + bytes(2 * n + 1))
+    lambda t: bytes([t[0]]) + t[1]) | odd_audio | st.integers(MAX_AUDIO // 2, MAX_AUDIO).map(
+    lambda n: b"\x01" + bytes(2 * n + 1))
 any_frame = text_frame | binary_frame
 
 
