@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ PAPER = {"early": (0.3356, 0.3499, 0.9810, 0.9720), "middle": (0.0405, 0.0451, 0
 class AblationConfig:
     out: str = "runs/ablation"
     docs: str = "docs"
+    report: str = "fusion_ablation"  # the table and plot are DOCS/REPORT.md and DOCS/REPORT.png
     data: str = "data/speech"
     weights: str = "speech/weights"  # the codec
     setting: str = "command"
@@ -40,12 +42,17 @@ class AblationConfig:
     n_layers: int = 4
     utterances: int = 60  # per evaluation scene
     fusions: str = "early,middle,late"
-    listen_norm: bool = False  # as the committed default was trained; True: normalised listening features
+    listen_norm: bool = False  # True: normalised listening features (LSLMConfig.listen_norm), as the default
+    guided_attention: float = 0.0  # weight of the guided-attention loss, as the default was trained (1.0)
     seed: int = 0
 
 
-def arm_name(fusion: str, listen_norm: bool) -> str:
-    return f"{fusion}-norm" if listen_norm else fusion
+# Arm families in table order: the paper's recipe, then each addition the shipped default carries.
+RECIPES = ((False, False), (True, False), (True, True))
+
+
+def arm_name(fusion: str, listen_norm: bool, guided: bool = False) -> str:
+    return fusion + ("-norm" if listen_norm else "") + ("-guided" if guided else "")
 
 
 def run(ac: AblationConfig, quick: bool = False) -> dict:
@@ -55,11 +62,12 @@ def run(ac: AblationConfig, quick: bool = False) -> dict:
 
     asr = WhisperASR()
     for fusion in ac.fusions.split(","):
-        name = arm_name(fusion, ac.listen_norm)
+        name = arm_name(fusion, ac.listen_norm, ac.guided_attention > 0)
         out = Path(ac.out) / name
         tc = LSLMTrainConfig(fusion=fusion, setting=ac.setting, data=ac.data,
                              codec=str(Path(ac.weights) / "codec.safetensors"), out=str(out), steps=ac.steps,
-                             batch=ac.batch, seed=ac.seed, checkpoint_every=500, listen_norm=ac.listen_norm)
+                             batch=ac.batch, seed=ac.seed, checkpoint_every=500, listen_norm=ac.listen_norm,
+                             guided_attention=ac.guided_attention)
         model_cfg = LSLMConfig(d_model=ac.d_model, n_layers=ac.n_layers, n_heads=4, d_ff=4 * ac.d_model,
                                listen_norm=ac.listen_norm)
         if quick:
@@ -72,7 +80,8 @@ def run(ac: AblationConfig, quick: bool = False) -> dict:
         model = build_model(ec.weights, ec.lslm, ec.batch)
         report = evaluate(ec, model=model, asr=asr, with_vad=False)
         arm = {k: report[k] for k in METRICS}
-        arm.update(fusion=fusion, listen_norm=ac.listen_norm, wer_original=report["wer_original"],
+        arm.update(fusion=fusion, listen_norm=ac.listen_norm, guided_attention=ac.guided_attention,
+                   wer_original=report["wer_original"],
                    wer_codec=report["wer_codec"], teacher_forced=json.loads((out / "report.json").read_text())["eval"])
         (out / "ablation_eval.json").write_text(json.dumps(arm, indent=2))
     return collect(Path(ac.out))
@@ -80,7 +89,7 @@ def run(ac: AblationConfig, quick: bool = False) -> dict:
 
 def collect(root: Path) -> dict:
     """Every evaluated arm under ``root``, in table order."""
-    order = [arm_name(f, n) for n in (False, True) for f in FUSIONS]
+    order = [arm_name(f, n, g) for n, g in RECIPES for f in FUSIONS]
     arms = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/ablation_eval.json")}
     return {name: arms[name] for name in order if name in arms}
 
@@ -152,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + md)
     docs = Path(ac.out) if quick else Path(ac.docs)  # a smoke run never overwrites the docs
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "fusion_ablation.md").write_text(
-        "# LSLM fusion ablation\n\nProduced by `python -m speech.ablation` and "
-        "`python -m speech.ablation --fusions middle --listen-norm` (the `-norm` arm) "
-        f"(d_model {ac.d_model}, {ac.n_layers} layers, {ac.steps} steps of batch {ac.batch}, "
-        f"{ac.utterances} utterances per scene, command-based, held-out test split).\n\n{md}\n\n"
-        "![fusion ablation](fusion_ablation.png)\n")
-    plot(results, docs / "fusion_ablation.png")
-    print(f"wrote {docs / 'fusion_ablation.md'} and {docs / 'fusion_ablation.png'}")
+    md_path, png_path = docs / f"{ac.report}.md", docs / f"{ac.report}.png"
+    command = " ".join(["python -m speech.ablation", *(sys.argv[1:] if argv is None else argv)])
+    md_path.write_text(
+        f"# LSLM fusion ablation\n\nProduced by `{command}` (d_model {ac.d_model}, {ac.n_layers} layers, "
+        f"{ac.steps} steps of batch {ac.batch}, {ac.utterances} utterances per scene, command-based, held-out "
+        f"test split; arms trained by earlier invocations into {ac.out} join the table).\n\n{md}\n\n"
+        f"![fusion ablation]({png_path.name})\n")
+    plot(results, png_path)
+    print(f"wrote {md_path} and {png_path}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2))

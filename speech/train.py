@@ -39,6 +39,10 @@ class LSLMTrainConfig:
     fusion: str = "middle"
     setting: str = "command"  # command: only "Honey" interrupts; voice: any short word does
     data: str = "data/speech"
+    # more target-voice corpora (comma-separated roots, e.g. built with another --seed): every split of their
+    # speech joins training, less any sentence of the main corpus's val or test split, so held-out text stays out
+    extra_data: str = ""
+    init: str = ""  # start from these LSLM weights with a fresh optimizer (a fine-tune); a run in --out resumes instead
     codec: str = "speech/weights/codec.safetensors"
     out: str = "runs/lslm"
     steps: int = 5000
@@ -74,14 +78,15 @@ class Utterance:
 
 
 def prepare(corpus: Corpus, codec: SpeechCodec, tok: PhonemeTokenizer, split: str, max_frames: int,
-            cache: Path, limit: int = 0) -> list[Utterance]:
-    """Phonemes and codec tokens of the target-voice utterances (cached: encoding takes a while)."""
+            cache: Path, limit: int = 0, exclude: frozenset[str] = frozenset()) -> list[Utterance]:
+    """Phonemes and codec tokens of the target-voice utterances (cached: encoding takes a while), less
+    those whose text is in ``exclude``."""
     if cache.is_file():
         return [Utterance(np.asarray(p), np.asarray(c)) for p, c in torch.load(cache, weights_only=False)]
     utts = []
     fs = codec.cfg.frame_size
     dev = codec.quantizer.codebook.device
-    entries = corpus.manifest("speech", split)
+    entries = [e for e in corpus.manifest("speech", split) if e["text"] not in exclude]
     for entry in tqdm(entries[:limit] if limit else entries, desc=f"tokenize {split}", unit="utt"):
         wav = corpus.audio("speech", entry)
         n = wav.shape[0] // fs
@@ -92,6 +97,28 @@ def prepare(corpus: Corpus, codec: SpeechCodec, tok: PhonemeTokenizer, split: st
         ids = np.asarray(tok.encode_phonemes(phonemize(entry["text"])), dtype=np.int64)
         utts.append(Utterance(ids, codes))
     torch.save([(u.phoneme_ids, u.codes) for u in utts], cache)
+    return utts
+
+
+def extra_utterances(tc: LSLMTrainConfig, main: Corpus, codec: SpeechCodec, tok: PhonemeTokenizer,
+                     out: Path) -> list[Utterance]:
+    """The target-voice speech of ``--extra-data`` corpora, every split, without the main corpus's held-out
+    sentences. Each corpus must speak the main corpus's target voice: it is what the model learns to say."""
+    roots = [r.strip() for r in tc.extra_data.split(",") if r.strip()]
+    if not roots:
+        return []
+    held_out = frozenset(e.get("text") for split in ("val", "test") for e in main.manifest("speech", split))
+    voices = {e.get("voice") for e in main.manifest("speech", "train")}
+    utts: list[Utterance] = []
+    for i, root in enumerate(roots):
+        extra = Corpus(root)
+        for split in ("train", "val", "test"):
+            other = {e.get("voice") for e in extra.manifest("speech", split)} - voices
+            if other:
+                raise ValueError(f"{root}: speech/{split} is spoken by {sorted(map(str, other))}, "
+                                 f"not the target voice {sorted(map(str, voices))}")
+            utts += prepare(extra, codec, tok, split, tc.max_frames, out / f"prep_extra{i}_{split}.pt",
+                            exclude=held_out)
     return utts
 
 
@@ -226,6 +253,11 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
     ckpt, state_path = out / "lslm.safetensors", out / "train_state.pt"
     if ckpt.is_file() and state_path.is_file():
         cfg, model = load_lslm(ckpt)
+    elif tc.init:
+        cfg, model = load_lslm(tc.init)
+        if cfg.fusion != tc.fusion or cfg.codebook_size != codec_cfg.codebook_size:
+            raise ValueError(f"--init {tc.init} is a {cfg.fusion}-fusion model over {cfg.codebook_size} codes; "
+                             f"this run asks for {tc.fusion} fusion over the codec's {codec_cfg.codebook_size}")
     else:
         cfg = model_cfg or LSLMConfig()
         cfg = LSLMConfig(**{**asdict(cfg), "fusion": tc.fusion, "tokenizer": "phonemes", "listen_norm": tc.listen_norm,
@@ -236,6 +268,10 @@ def train(tc: LSLMTrainConfig, model_cfg: LSLMConfig | None = None) -> dict[str,
     lim = tc.max_utterances
     train_utts = prepare(corpus, codec, tok, "train", tc.max_frames, out / f"prep_train_{lim}.pt", lim)
     val_utts = prepare(corpus, codec, tok, "val", tc.max_frames, out / f"prep_val_{lim}.pt", lim)
+    extra = extra_utterances(tc, corpus, codec, tok, out)
+    if extra:
+        print(f"{len(train_utts)} training utterances from {tc.data}, {len(extra)} from {tc.extra_data}")
+    train_utts += extra
     if not train_utts:
         raise ValueError("no training utterances short enough; raise --max-frames")
     maker = SampleMaker(tc, cfg, corpus, codec_cfg.frame_size, codec_cfg.frame_rate)

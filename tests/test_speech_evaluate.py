@@ -71,16 +71,16 @@ def test_ablation_arms_from_separate_runs_join_one_table_and_plot(tmp_path):
 
     from speech.ablation import collect, plot, table
 
-    for i, name in enumerate(("late", "middle-norm", "early")):
-        arm = {"fusion": name.split("-")[0], "listen_norm": name.endswith("norm"), "f1": 0.9, "f1_noisy": 0.8,
+    for i, name in enumerate(("late", "early-norm-guided", "middle-norm", "early")):
+        arm = {"fusion": name.split("-")[0], "listen_norm": "-norm" in name, "f1": 0.9, "f1_noisy": 0.8,
                "wer": 0.1 * i, "wer_noisy": 0.2, "false_interruption_rate": 0.0,
                "false_interruption_rate_backchannel": 0.05, "reaction_ms": 300.0, "wer_original": 0.02,
                "wer_codec": 0.5, "teacher_forced": {"code_acc": 0.1}}
         (tmp_path / name).mkdir()
         (tmp_path / name / "ablation_eval.json").write_text(json.dumps(arm))
     results = collect(tmp_path)
-    assert list(results) == ["early", "late", "middle-norm"]  # table order, whatever the run order
+    assert list(results) == ["early", "late", "middle-norm", "early-norm-guided"]  # table order, not run order
     md = table(results)
-    assert md.count("\n| ") == 3 and "| early | 20.0 |" in md and "33.56 / 34.99" in md
+    assert md.count("\n| ") == 4 and "| early | 30.0 |" in md and "33.56 / 34.99" in md
     plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

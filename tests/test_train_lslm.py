@@ -88,3 +88,42 @@ def test_guided_attention_in_the_recipe(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all("guided" in r for r in log)
     assert log[-1]["guided"] < 0.9 * log[0]["guided"]  # the first record is step 10: much is learned by then
+
+
+def test_fine_tune_from_init_on_extra_corpora(tmp_path):
+    """--init starts from a trained model (its loss, not a fresh one's); --extra-data adds target-voice
+    speech less the main corpus's held-out sentences, and refuses another voice."""
+    data = add_text_and_kinds(make_corpus(tmp_path / "c"))
+    extra = add_text_and_kinds(make_corpus(tmp_path / "x", seed=1))
+    rows = [json.loads(x) for x in (extra / "speech" / "train.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):  # every other sentence is one of the main corpus's held-out ones
+        r["text"] = "hello there friend" if i % 2 else f"a new sentence number {i}"
+    (extra / "speech" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (extra / "speech" / "test.jsonl").unlink()
+    save_codec(tmp_path / "codec.safetensors", SpeechCodec(TINY))
+    tiny = LSLMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_text_len=128, max_speech_len=80)
+    base = dict(data=str(data), codec=str(tmp_path / "codec.safetensors"), batch=4, log_every=1, max_frames=60)
+    train(LSLMTrainConfig(**base, out=str(tmp_path / "a"), steps=60, lr=3e-3, checkpoint_every=60), tiny)
+    first = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    tuned = LSLMTrainConfig(**base, out=str(tmp_path / "b"), steps=2, lr=1e-6, checkpoint_every=2,
+                            init=str(tmp_path / "a" / "lslm.safetensors"))
+    train(tuned, tiny)
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] < 0.8 * first[0]["loss"]
+
+    from speech.text import PhonemeTokenizer
+    from speech.train import extra_utterances
+    codec = SpeechCodec(TINY).eval()
+    tc = LSLMTrainConfig(**base, out=str(tmp_path / "c2"), extra_data=f"{extra}, ")
+    (tmp_path / "c2").mkdir()
+    held_out = {json.loads(x)["text"] for x in (data / "speech" / "val.jsonl").read_text().splitlines()}
+    rows = [json.loads(x) for x in (extra / "speech" / "train.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["text"] not in held_out]
+    assert 0 < len(kept) < len(rows)
+    assert len(extra_utterances(tc, Corpus(data), codec, PhonemeTokenizer(), tmp_path / "c2")) == len(kept)
+    for r in rows:
+        r["voice"] = "someone-else"
+    (extra / "speech" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "c3").mkdir()
+    with pytest.raises(ValueError, match="not the target voice"):
+        extra_utterances(tc, Corpus(data), codec, PhonemeTokenizer(), tmp_path / "c3")
