@@ -132,6 +132,15 @@ def test_different_seed_differs(corpus: Path, corpus_other_seed: Path) -> None:
     assert la != lc
 
 
+def test_a_speech_only_corpus(tmp_path: Path) -> None:
+    """--listen 0 --noise 0: more target-voice speech to train on (speech.train --extra-data), nothing else."""
+    root = _build(tmp_path / "speech-only", seed=2, workers=1, sentences=4, listen_clips=0, noise_clips=0)
+    assert sum(len(read_manifest_raw(root, "speech", s)) for s in SPLITS) == 4
+    assert all(read_manifest_raw(root, part, s) == [] for part in ("listen", "noise") for s in SPLITS)
+    with pytest.raises(ValueError, match="0 or >= 3"):
+        BuildConfig.quick(str(tmp_path / "x"), listen_clips=2)
+
+
 def test_existing_corpus_is_not_overwritten_silently(corpus: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):
         build(BuildConfig.quick(str(corpus), **SIZES))

@@ -24,8 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="data/speech", help="corpus root (default: data/speech)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sentences", type=int, help="target-voice sentences (default 3000; --quick: 20)")
-    b.add_argument("--listen", type=int, help="listening-channel clips (default 2000; --quick: 30)")
-    b.add_argument("--noise", type=int, help="noise clips (default 300; --quick: 8)")
+    b.add_argument("--listen", type=int, help="listening-channel clips (default 2000; --quick: 30; 0: target-voice speech only)")
+    b.add_argument("--noise", type=int, help="noise clips (default 300; --quick: 8; 0: none)")
     b.add_argument("--quick", action="store_true", help="a tiny corpus, for smoke tests (seconds)")
     b.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     b.add_argument("--deterministic-audio", action="store_true",

@@ -62,9 +62,11 @@ class BuildConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for name in ("sentences", "listen_clips", "noise_clips"):
-            if getattr(self, name) < 3:
-                raise ValueError(f"{name} must be >= 3 (one per split), got {getattr(self, name)}")
+        if self.sentences < 3:
+            raise ValueError(f"sentences must be >= 3 (one per split), got {self.sentences}")
+        for name in ("listen_clips", "noise_clips"):  # 0: a target-voice-only corpus (more speech to train on)
+            if getattr(self, name) != 0 and getattr(self, name) < 3:
+                raise ValueError(f"{name} must be 0 or >= 3 (one per split), got {getattr(self, name)}")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
         lo, hi = self.noise_seconds
@@ -96,7 +98,9 @@ class Plan:
 
 
 def split_counts(n: int, fractions: tuple[float, float, float]) -> dict[str, int]:
-    """n items over train/val/test by fractions, at least one each."""
+    """n items over train/val/test by fractions, at least one each (none at all when n is 0)."""
+    if n == 0:
+        return {"train": 0, "val": 0, "test": 0}
     if n < 3:
         raise ValueError("need at least 3 items to fill three splits")
     val = max(1, round(n * fractions[1]))
