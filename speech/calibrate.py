@@ -10,8 +10,10 @@ policy, so every policy's run equals this one until the frame it stops at (teste
 The chosen pair is the best mean interruption F1 (clean and noisy) whose false-interruption rate on
 noise alone stays within ``--max-false``, among margins of at least ``--min-margin`` (0 by default:
 IRQ must be the model's own top choice; a negative margin fires while IRQ merely trails the top
-output, which near the end of an answer, where EOS and IRQ both rise, stops on faint noise);
-``--write`` stores it in the LSLM checkpoint's metadata, where serving and ``speech.evaluate`` read it.
+output, which near the end of an answer, where EOS and IRQ both rise, stops on faint noise), held for
+at least ``--min-frames`` frames (2 by default: near the end of an answer longer than any training
+sentence, IRQ's lead spikes for single frames on faint noise alone; the barge-in control session
+shows it); ``--write`` stores it in the LSLM checkpoint's metadata, where serving and ``speech.evaluate`` read it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class CalibConfig:
     batch: int = 16
     max_false: float = 0.02  # false interruptions allowed on noise alone
     min_margin: float = 0.0  # the lowest margin considered (0: IRQ must be the argmax)
+    min_frames: int = 2  # the fewest consecutive frames considered (1 admits single-frame spikes)
     seed: int = 0
 
 
@@ -85,13 +88,14 @@ def score_policy(scenes: dict[str, tuple[list[Trial], list[Outcome]]], margin: f
     return row
 
 
-def choose(rows: list[dict[str, float]], max_false: float, min_margin: float = 0.0) -> dict[str, float]:
-    """Best mean F1 (to 0.1 point) within the false-interruption budget, among margins >= ``min_margin``;
-    then fewer false stops on other words, then faster. When no policy fits the budget, the one with the
-    fewest false interruptions on noise."""
-    rows = [r for r in rows if r["irq_margin"] >= min_margin]
+def choose(rows: list[dict[str, float]], max_false: float, min_margin: float = 0.0,
+           min_frames: int = 1) -> dict[str, float]:
+    """Best mean F1 (to 0.1 point) within the false-interruption budget, among margins >= ``min_margin``
+    held >= ``min_frames`` frames; then fewer false stops on other words, then faster. When no policy
+    fits the budget, the one with the fewest false interruptions on noise."""
+    rows = [r for r in rows if r["irq_margin"] >= min_margin and r["irq_frames"] >= min_frames]
     if not rows:
-        raise ValueError(f"no policy in the grid has a margin >= {min_margin}")
+        raise ValueError(f"no policy in the grid has a margin >= {min_margin} over >= {min_frames} frames")
     ok = [r for r in rows if r["false_noise"] <= max_false]
     if not ok:
         return min(rows, key=lambda r: (r["false_noise"], -r["f1_mean"]))
@@ -109,7 +113,7 @@ def calibrate(cc: CalibConfig, margins=DEFAULT_MARGINS, frames=DEFAULT_FRAMES) -
         trials = maker.trials(scene, ec.utterances)
         scenes[scene] = (trials, run_model(model, trials, f"{scene} ({cc.split})"))
     rows = [score_policy(scenes, m, k, maker.mu, frame_ms) for k in frames for m in margins]
-    best = choose(rows, cc.max_false, cc.min_margin)
+    best = choose(rows, cc.max_false, cc.min_margin, cc.min_frames)
     argmax = score_policy(scenes, 0.0, 1, maker.mu, frame_ms)
     return {"config": asdict(cc), "model": model.weights_note, "chosen": best, "argmax": argmax, "grid": rows}
 
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         c = report["chosen"]
         write_irq_policy(target, c["irq_margin"], int(c["irq_frames"]),
                          f"{cc.split} split, {cc.utterances} utterances per scene, max false {cc.max_false}, "
-                         f"min margin {cc.min_margin}")
+                         f"min margin {cc.min_margin}, min frames {cc.min_frames}")
         print(f"wrote irq_margin={c['irq_margin']}, irq_frames={int(c['irq_frames'])} into {target}")
     return 0
 

@@ -88,6 +88,10 @@ def test_scoring_and_choice_respect_the_false_interruption_budget():
     assert choose([trailing], max_false=1.0, min_margin=-1.0) is trailing
     with pytest.raises(ValueError, match="margin"):
         choose([trailing], max_false=1.0)
+    # a one-frame policy is left out when at least two frames are asked for, whatever it scores
+    assert choose([argmax_like, held], max_false=1.0, min_frames=2) is held
+    with pytest.raises(ValueError, match="2 frames"):
+        choose([argmax_like], max_false=1.0, min_frames=2)
 
 
 def test_the_fitted_policy_travels_with_the_checkpoint(tmp_path):
