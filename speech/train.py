@@ -13,6 +13,7 @@ listening channel. Resumable (``--out`` keeps the checkpoint and optimizer state
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import nullcontext
@@ -110,14 +111,15 @@ def extra_utterances(tc: LSLMTrainConfig, main: Corpus, codec: SpeechCodec, tok:
     held_out = frozenset(e.get("text") for split in ("val", "test") for e in main.manifest("speech", split))
     voices = {e.get("voice") for e in main.manifest("speech", "train")}
     utts: list[Utterance] = []
-    for i, root in enumerate(roots):
+    for root in roots:
         extra = Corpus(root)
+        key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]  # a resumed run reuses its tokens
         for split in ("train", "val", "test"):
             other = {e.get("voice") for e in extra.manifest("speech", split)} - voices
             if other:
                 raise ValueError(f"{root}: speech/{split} is spoken by {sorted(map(str, other))}, "
                                  f"not the target voice {sorted(map(str, voices))}")
-            utts += prepare(extra, codec, tok, split, tc.max_frames, out / f"prep_extra{i}_{split}.pt",
+            utts += prepare(extra, codec, tok, split, tc.max_frames, out / f"prep_extra_{key}_{split}.pt",
                             exclude=held_out)
     return utts
 

@@ -121,6 +121,11 @@ def test_fine_tune_from_init_on_extra_corpora(tmp_path):
     kept = [r for r in rows if r["text"] not in held_out]
     assert 0 < len(kept) < len(rows)
     assert len(extra_utterances(tc, Corpus(data), codec, PhonemeTokenizer(), tmp_path / "c2")) == len(kept)
+    # the token cache belongs to the corpus, not to its place in the list: another root is not served from it
+    other = add_text_and_kinds(make_corpus(tmp_path / "y", seed=2))
+    (other / "speech" / "test.jsonl").unlink()
+    swapped = LSLMTrainConfig(**base, out=str(tmp_path / "c2"), extra_data=str(other))
+    assert len(extra_utterances(swapped, Corpus(data), codec, PhonemeTokenizer(), tmp_path / "c2")) == 0
     for r in rows:
         r["voice"] = "someone-else"
     (extra / "speech" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
