@@ -9,9 +9,9 @@ commitment; the codebook follows its assignments by EMA, with dead codes restart
 
 Resumable: ``--out`` holds the latest checkpoint and the optimizer state; run the same command again.
 
-``--decoder-from CODEC`` trains only the decoder of a trained codec (wider with ``--dec-channels``, deeper
-with ``--dec-blocks``, else warm-started): the encoder and the codebook stay frozen, so every token, and
-an LSLM trained on them, stays valid.
+``--decoder-from CODEC`` trains only the decoder of a trained codec, grown wider with ``--dec-channels`` and
+deeper with ``--dec-blocks`` so that it starts out sounding exactly like the source (speech/grow.py): the
+encoder and the codebook stay frozen, so every token, and an LSLM trained on them, stays valid.
 
 The decoder synthesises phase like a phase vocoder (see speech/codec.py): with free per-hop phases,
 spectral losses alone plateaued (log-magnitude error 2.3 vs 0.9 with phase advances, same steps).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from speech.checkpoints import load_codec, save_codec
 from speech.codec import SpeechCodec
 from speech.config import CodecConfig
 from speech.corpus import Corpus
+from speech.grow import grow_decoder
 from speech.recipe import finish_report, parse_recipe_args
 
 
@@ -218,15 +219,10 @@ def quantize_for_training(codec: SpeechCodec, ema: EmaCodebook, z: torch.Tensor,
 
 
 def decoder_student(tc: CodecTrainConfig) -> SpeechCodec:
-    """The source codec with its encoder and codebook frozen; its decoder kept, or new when resized."""
-    src_cfg, src = load_codec(tc.decoder_from)
-    cfg = replace(src_cfg, dec_channels=tc.dec_channels or src_cfg.dec_channels,
-                  dec_blocks=tc.dec_blocks or src_cfg.dec_blocks)
-    codec = SpeechCodec(cfg)
-    resized = (cfg.dec_channels or cfg.channels, cfg.dec_blocks) != (src_cfg.dec_channels or src_cfg.channels,
-                                                                     src_cfg.dec_blocks)
-    sd = {k: v for k, v in src.state_dict().items() if not (resized and k.startswith("dec_"))}
-    codec.load_state_dict(sd, strict=not resized)
+    """The source codec with its encoder and codebook frozen and its decoder grown to the asked size
+    (speech/grow.py: it starts out sounding exactly like the source, then learns with the new room)."""
+    _, src = load_codec(tc.decoder_from)
+    codec = grow_decoder(src, tc.dec_channels, tc.dec_blocks)
     for p in codec.parameters():
         p.requires_grad_(False)
     for p in codec.decoder_parameters():
