@@ -8,7 +8,9 @@ run. That is exact, not an estimate: speech tokens are chosen among the other ou
 policy, so every policy's run equals this one until the frame it stops at (tested).
 
 The chosen pair is the best mean interruption F1 (clean and noisy) whose false-interruption rate on
-noise alone stays within ``--max-false``, among margins of at least ``--min-margin`` (0 by default:
+noise alone stays within ``--max-false``, under single sentences and under long answers (two sentences
+in one, longer than any training utterance, where IRQ's lead drifts up near the end), among margins of
+at least ``--min-margin`` (0 by default:
 IRQ must be the model's own top choice; a negative margin fires while IRQ merely trails the top
 output, which near the end of an answer, where EOS and IRQ both rise, stops on faint noise), held for
 at least ``--min-frames`` frames (2 by default: near the end of an answer longer than any training
@@ -29,7 +31,7 @@ import torch
 from speech.checkpoints import write_irq_policy
 from speech.corpus import Corpus
 from speech.evaluate import (
-    SCENES,
+    CALIBRATION_SCENES,
     EvalConfig,
     Outcome,
     SceneMaker,
@@ -88,17 +90,23 @@ def score_policy(scenes: dict[str, tuple[list[Trial], list[Outcome]]], margin: f
     return row
 
 
+def _false_on_noise(row: dict[str, float]) -> float:
+    """The worse of the false-interruption rates on noise alone: single sentences, long answers."""
+    return max(row["false_noise"], row.get("false_long", 0.0))
+
+
 def choose(rows: list[dict[str, float]], max_false: float, min_margin: float = 0.0,
            min_frames: int = 1) -> dict[str, float]:
-    """Best mean F1 (to 0.1 point) within the false-interruption budget, among margins >= ``min_margin``
-    held >= ``min_frames`` frames; then fewer false stops on other words, then faster. When no policy
-    fits the budget, the one with the fewest false interruptions on noise."""
+    """Best mean F1 (to 0.1 point) within the false-interruption budget (on noise alone, under single
+    sentences and under long answers), among margins >= ``min_margin`` held >= ``min_frames`` frames;
+    then fewer false stops on other words, then faster. When no policy fits the budget, the one with
+    the fewest false interruptions on noise."""
     rows = [r for r in rows if r["irq_margin"] >= min_margin and r["irq_frames"] >= min_frames]
     if not rows:
         raise ValueError(f"no policy in the grid has a margin >= {min_margin} over >= {min_frames} frames")
-    ok = [r for r in rows if r["false_noise"] <= max_false]
+    ok = [r for r in rows if _false_on_noise(r) <= max_false]
     if not ok:
-        return min(rows, key=lambda r: (r["false_noise"], -r["f1_mean"]))
+        return min(rows, key=lambda r: (_false_on_noise(r), -r["f1_mean"]))
     return max(ok, key=lambda r: (round(r["f1_mean"], 3), -r["false_backchannel"], -r["reaction_ms_clean"]))
 
 
@@ -109,7 +117,7 @@ def calibrate(cc: CalibConfig, margins=DEFAULT_MARGINS, frames=DEFAULT_FRAMES) -
     maker = SceneMaker(Corpus(ec.data), ec, model.frame_size, model.frame_rate)
     frame_ms = 1000.0 / model.frame_rate
     scenes = {}
-    for scene in SCENES:
+    for scene in CALIBRATION_SCENES:
         trials = maker.trials(scene, ec.utterances)
         scenes[scene] = (trials, run_model(model, trials, f"{scene} ({cc.split})"))
     rows = [score_policy(scenes, m, k, maker.mu, frame_ms) for k in frames for m in margins]
@@ -130,11 +138,12 @@ def _label(r: dict[str, float]) -> str:
 def print_report(report: dict) -> None:
     cc = report["config"]
     print(f"\nIRQ decision for {report['model']} ({cc['split']} split, {cc['utterances']} utterances per scene)")
-    print(f"{'policy':32}{'F1 clean':>10}{'F1 noisy':>10}{'false noise':>13}{'false words':>13}{'reaction ms':>13}")
+    print(f"{'policy':32}{'F1 clean':>10}{'F1 noisy':>10}{'false noise':>13}{'false long':>12}{'false words':>13}"
+          f"{'reaction ms':>13}")
     best_per_frames = {}
     for r in report["grid"]:
         k = r["irq_frames"]
-        if r["false_noise"] <= cc["max_false"] and (k not in best_per_frames
+        if _false_on_noise(r) <= cc["max_false"] and (k not in best_per_frames
                                                     or r["f1_mean"] > best_per_frames[k]["f1_mean"]):
             best_per_frames[k] = r
     c = report["chosen"]
@@ -143,8 +152,9 @@ def print_report(report: dict) -> None:
     shown.append((_label(c) + " (chosen)", c))
     for label, r in shown:
         print(f"{label:32}{_pct(r['f1_clean']):>10}{_pct(r['f1_noisy']):>10}{_pct(r['false_noise']):>13}"
-              f"{_pct(r['false_backchannel']):>13}{r['reaction_ms_clean']:>13.0f}")
-    if c["false_noise"] > cc["max_false"]:
+              f"{_pct(r.get('false_long', float('nan'))):>12}{_pct(r['false_backchannel']):>13}"
+              f"{r['reaction_ms_clean']:>13.0f}")
+    if _false_on_noise(c) > cc["max_false"]:
         print(f"no policy keeps false interruptions on noise within {100 * cc['max_false']:.1f}%: "
               "chose the fewest")
 

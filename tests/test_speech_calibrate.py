@@ -107,3 +107,39 @@ def test_the_fitted_policy_travels_with_the_checkpoint(tmp_path):
         write_irq_policy(tmp_path / "codec.safetensors", 1.0, 1, "wrong file")
     with pytest.raises(ValueError, match="irq_frames"):
         dataclasses.replace(loaded.cfg, irq_frames=0)
+
+
+def test_long_answers_over_noise_join_the_false_interruption_budget():
+    """A policy that never stops a single sentence on noise but stops long answers near their end
+    (IRQ's lead drifts up there) is over budget; a higher margin is chosen without being asked."""
+    mu = 12
+
+    def scene(t_ints, leads_list):
+        trials = [Trial("x", np.zeros(FS, np.float32), np.zeros(60 * FS, np.float32), 60, t) for t in t_ints]
+        return trials, [Outcome(irq_leads=lds) for lds in leads_list]
+
+    quiet, late, drift = [0.0] * 40, [0.0] * 20 + [4.0] * 20, [0.0] * 30 + [2.0, 2.0] + [0.0] * 8
+    scenes = {"clean": scene([15, None], [late, quiet]), "noisy": scene([15, None], [late, quiet]),
+              "noise": scene([None], [quiet]), "backchannel": scene([None], [quiet]),
+              "long": scene([None, None], [drift, quiet])}
+    low, high = score_policy(scenes, 1.0, 2, mu, 40.0), score_policy(scenes, 2.5, 2, mu, 40.0)
+    assert low["false_noise"] == 0.0 and low["false_long"] == 0.5 and high["false_long"] == 0.0
+    assert low["f1_mean"] == high["f1_mean"] == 1.0
+    assert choose([low, high], max_false=0.02) is high
+
+
+def test_the_long_scene_says_two_sentences_over_noise(tmp_path):
+    from speech.corpus import Corpus
+    from speech.evaluate import EvalConfig, SceneMaker
+    from tests.test_train_codec import make_corpus
+    from tests.test_train_lslm import add_text_and_kinds
+
+    root = add_text_and_kinds(make_corpus(tmp_path / "c"))
+    corpus = Corpus(root)
+    maker = SceneMaker(corpus, EvalConfig(data=str(root), split="train"), FS, 25.0)
+    singles, longs = maker.trials("noise", 4), maker.trials("long", 4)
+    for i, (one, two) in enumerate(zip(singles, longs, strict=True)):
+        nxt = maker.sentences[(i + 1) % len(maker.sentences)]
+        assert two.text == f"{one.text} {nxt['text']}" and two.t_int is None
+        assert two.ref_audio.shape[0] == one.ref_audio.shape[0] + corpus.audio("speech", nxt).shape[0]
+        assert two.listen.shape[0] > one.listen.shape[0] and np.abs(two.listen).max() > 0  # noise throughout
