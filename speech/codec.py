@@ -93,8 +93,8 @@ class SpeechCodec(nn.Module):
         mel = torch.einsum("bft,fm->bmt", power, self.mel_fb)
         return torch.log(mel.clamp_min(1e-5))
 
-    def _head_to_frames(self, h: Tensor, phase0: Tensor) -> tuple[Tensor, Tensor]:
-        """Decoder head (B, 2F, k) and the previous hop's phase (B, F) → windowed frames (B, k, n), last phase.
+    def _head_to_spectrum(self, h: Tensor, phase0: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder head (B, 2F, k) and the previous hop's phase (B, F) → magnitude and phase (B, k, F).
 
         Phase is accumulated in float64 and wrapped, so long offline decodes equal streaming ones.
         """
@@ -102,8 +102,22 @@ class SpeechCodec(nn.Module):
         mag = torch.exp(log_mag.clamp(max=6.0))
         step = (self.phase_advance + math.pi * torch.tanh(dev)).double()
         phase = torch.remainder(phase0.double()[:, None] + torch.cumsum(step, dim=1), 2 * math.pi).to(mag.dtype)
-        frames = torch.fft.irfft(torch.polar(mag, phase), n=self.cfg.synth_n_fft) * self.synthesis_window
-        return frames, phase[:, -1]
+        return mag, phase
+
+    def spectrum_to_frames(self, mag: Tensor, phase: Tensor) -> Tensor:
+        """Magnitude and phase (B, k, F) → windowed synthesis frames (B, k, synth_n_fft)."""
+        return torch.fft.irfft(torch.polar(mag, phase), n=self.cfg.synth_n_fft) * self.synthesis_window
+
+    def overlap_add(self, frames: Tensor) -> Tensor:
+        """Windowed frames (B, k, n), one per hop from sample 0 → waveform (B, (k - 1)·hop + n)."""
+        cfg = self.cfg
+        k = frames.shape[1]
+        out_len = (k - 1) * cfg.hop_length + cfg.synth_n_fft
+        wav = F.fold(
+            frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, cfg.synth_n_fft),
+            stride=(1, cfg.hop_length),
+        ).reshape(frames.shape[0], out_len)
+        return wav / self.ola_norm
 
     # ---------------------------------------------------------------- offline (training)
     def encode_features(self, wav: Tensor) -> Tensor:
@@ -124,20 +138,17 @@ class SpeechCodec(nn.Module):
         """``wav`` (B, T·frame_size) → codes (B, T)."""
         return self.quantizer.quantize(self.features_to_latent(self.encode_features(wav)))
 
-    def decode_latent(self, q: Tensor) -> Tensor:
-        """Quantized latents (B, T, latent_dim) → waveform (B, T·frame_size)."""
-        cfg = self.cfg
+    def decode_spectrum(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Quantized latents (B, T, latent_dim) → the decoder's magnitude and phase (B, 4T, F), one per hop."""
         x = self.dec_frame(self.dec_in(q.transpose(1, 2)))
         x = F.gelu(self.dec_up(x))
         phase0 = x.new_zeros(x.shape[0], self.phase_advance.shape[0])
-        frames, _ = self._head_to_frames(self.dec_blocks(x), phase0)  # (B, k, n)
-        k = frames.shape[1]
-        out_len = (k - 1) * cfg.hop_length + cfg.synth_n_fft
-        wav = F.fold(
-            frames.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, cfg.synth_n_fft),
-            stride=(1, cfg.hop_length),
-        ).reshape(frames.shape[0], out_len)
-        return wav[:, : q.shape[1] * cfg.frame_size] / self.ola_norm
+        return self._head_to_spectrum(self.dec_blocks(x), phase0)
+
+    def decode_latent(self, q: Tensor) -> Tensor:
+        """Quantized latents (B, T, latent_dim) → waveform (B, T·frame_size)."""
+        wav = self.overlap_add(self.spectrum_to_frames(*self.decode_spectrum(q)))
+        return wav[:, : q.shape[1] * self.cfg.frame_size]
 
     def decode(self, codes: Tensor) -> Tensor:
         """``codes`` (B, T) → waveform (B, T·frame_size); equals T decode steps from a zero state."""
@@ -186,8 +197,9 @@ class SpeechCodec(nn.Module):
         x = self.quantizer.lookup(codes).unsqueeze(-1)  # (B, lat, 1)
         x = self.dec_frame.step(self.dec_in.step(x, state[self.dec_in.state_key]), state)
         x = F.gelu(self.dec_up(x))  # (B, C, hops)
-        frames, last_phase = self._head_to_frames(self.dec_blocks.step(x, state), state["dec_phase"])
-        state["dec_phase"].copy_(last_phase)  # frames: (B, hops, n)
+        mag, phase = self._head_to_spectrum(self.dec_blocks.step(x, state), state["dec_phase"])
+        state["dec_phase"].copy_(phase[:, -1])
+        frames = self.spectrum_to_frames(mag, phase)  # (B, hops, n)
         ola = state["dec_ola"]
         hop, n = cfg.hop_length, cfg.synth_n_fft
         buf = torch.zeros(codes.shape[0], n + (cfg.frame_hops - 1) * hop, device=ola.device, dtype=ola.dtype)
