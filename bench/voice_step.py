@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=60)
     p.add_argument("--loop-max", type=int, default=64, help="largest count also run one session at a time")
     p.add_argument("--quick", action="store_true", help="1,4,8 sessions, 15 frames (under a minute on a CPU)")
+    p.add_argument("--voice-dir", type=Path, default=DEFAULT_WEIGHTS,
+                   help="codec + LSLM weights to time (default: the shipped ones)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.quick:
         args.sessions, args.frames, args.loop_max = "1,4,8", 15, 8
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     counts = [int(c) for c in args.sessions.split(",")]
-    model = load_voice_model(DEFAULT_WEIGHTS, max(counts), device)
+    model = load_voice_model(args.voice_dir, max(counts), device)
     frame_ms = 1e3 / model.frame_rate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"voice step on {name}, frame {frame_ms:g} ms, {model.weights_note}")
