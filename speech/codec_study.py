@@ -104,14 +104,15 @@ def resyntheses(codec: SpeechCodec, wav: np.ndarray) -> dict[str, np.ndarray]:
     hops, length = codes.shape[1] * codec.cfg.frame_hops, x.shape[0]
     spec = stft_frames(codec, x, hops)
     true_mag = spec.abs()
+    true_locked = peak_locked_phase(codec, true_mag)
     dec_mag, dec_phase = (t[0] for t in codec.decode_spectrum(codec.quantizer.lookup(codes)))
     out = {
         ROWS[0]: x,
         ROWS[1]: synthesise(codec, true_mag, torch.angle(spec), length),
         ROWS[2]: synthesise(codec, true_mag, bin_centre_phase(codec, hops), length),
-        ROWS[3]: synthesise(codec, true_mag, peak_locked_phase(codec, true_mag), length),
-        ROWS[4]: synthesise(codec, true_mag, griffin_lim(codec, true_mag, peak_locked_phase(codec, true_mag)), length),
-        ROWS[5]: codec.decode(codes)[0],
+        ROWS[3]: synthesise(codec, true_mag, true_locked, length),
+        ROWS[4]: synthesise(codec, true_mag, griffin_lim(codec, true_mag, true_locked), length),
+        ROWS[5]: synthesise(codec, dec_mag, dec_phase, length),  # = codec.decode(codes), without decoding twice
         ROWS[6]: synthesise(codec, dec_mag, peak_locked_phase(codec, dec_mag), length),
         ROWS[7]: synthesise(codec, dec_mag, griffin_lim(codec, dec_mag, dec_phase), length),
     }
