@@ -24,7 +24,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from speech.config import CodecConfig
-from speech.streaming import CausalConv1d, CausalStack, hann_ola_norm, name_states
+from speech.streaming import CausalConv1d, CausalStack, conv_as_matmul, hann_ola_norm, name_states, pointwise
 
 
 class VectorQuantizer(nn.Module):
@@ -98,7 +98,7 @@ class SpeechCodec(nn.Module):
 
         Phase is accumulated in float64 and wrapped, so long offline decodes equal streaming ones.
         """
-        log_mag, dev = self.dec_head(h).transpose(1, 2).chunk(2, dim=-1)  # (B, k, F)
+        log_mag, dev = pointwise(self.dec_head, h).transpose(1, 2).chunk(2, dim=-1)  # (B, k, F)
         mag = torch.exp(log_mag.clamp(max=6.0))
         step = (self.phase_advance + math.pi * torch.tanh(dev)).double()
         phase = torch.remainder(phase0.double()[:, None] + torch.cumsum(step, dim=1), 2 * math.pi).to(mag.dtype)
@@ -186,7 +186,7 @@ class SpeechCodec(nn.Module):
         ctx.copy_(wav[:, -ctx.shape[1] :])
         x = self.log_mel(wav)  # (B, n_mels, frame_hops)
         x = self.enc_blocks.step(self.enc_in.step(x, state[self.enc_in.state_key]), state)
-        x = F.gelu(self.enc_down(x))  # (B, C, 1)
+        x = F.gelu(conv_as_matmul(x, self.enc_down.weight, self.enc_down.bias, 1))  # (B, C, 1): stride = kernel
         h = self.enc_frame.step(x, state)
         codes = self.quantizer.quantize(self.features_to_latent(h.transpose(1, 2))[:, 0]) if with_codes else None
         return h.squeeze(-1), codes
@@ -196,7 +196,9 @@ class SpeechCodec(nn.Module):
         cfg = self.cfg
         x = self.quantizer.lookup(codes).unsqueeze(-1)  # (B, lat, 1)
         x = self.dec_frame.step(self.dec_in.step(x, state[self.dec_in.state_key]), state)
-        x = F.gelu(self.dec_up(x))  # (B, C, hops)
+        up = self.dec_up  # one column in, ``frame_hops`` out (stride = kernel): a GEMM
+        x = (x[:, :, 0] @ up.weight.reshape(up.in_channels, -1)).view(x.shape[0], up.out_channels, -1)
+        x = F.gelu(x + up.bias[:, None])  # (B, C, hops)
         mag, phase = self._head_to_spectrum(self.dec_blocks.step(x, state), state["dec_phase"])
         state["dec_phase"].copy_(phase[:, -1])
         frames = self.spectrum_to_frames(mag, phase)  # (B, hops, n)

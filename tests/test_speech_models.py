@@ -41,6 +41,19 @@ def test_codec_streaming_equals_offline():
     assert recon.shape == wav.shape
 
 
+@pytest.mark.parametrize(("kernel", "dilation", "columns"), [(3, 1, 1), (3, 4, 4), (4, 1, 1), (1, 1, 5), (3, 2, 9)])
+def test_step_convolutions_as_matmuls_equal_torch_conv(kernel, dilation, columns):
+    """The chunk steps' GEMM forms (speech/streaming.py) compute PyTorch's convolutions."""
+    from speech.streaming import conv_as_matmul, pointwise
+
+    conv = torch.nn.Conv1d(6, 5, kernel, dilation=dilation)
+    full = torch.randn(3, 6, (kernel - 1) * dilation + columns)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_as_matmul(full, conv.weight, conv.bias, dilation), conv(full))
+        one = torch.nn.Conv1d(6, 5, 1)
+        torch.testing.assert_close(pointwise(one, full), one(full))
+
+
 def test_codec_rejects_partial_frames():
     codec = SpeechCodec(VoiceModelConfig.tiny().codec)
     with pytest.raises(ValueError, match="multiple of the frame size"):
