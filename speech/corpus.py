@@ -25,8 +25,12 @@ def read_wav(path: str | Path) -> np.ndarray:
 
 
 class Corpus:
-    def __init__(self, root: str | Path) -> None:
+    """``exclude_texts``: target-voice sentences to leave out, e.g. another corpus's held-out ones (the
+    generator may say a sentence in two corpora, and training on it would leak the test)."""
+
+    def __init__(self, root: str | Path, exclude_texts: frozenset[str] = frozenset()) -> None:
         self.root = Path(root)
+        self.exclude_texts = exclude_texts
         if not (self.root / "speech" / "train.jsonl").is_file():
             raise FileNotFoundError(
                 f"no speech corpus at {self.root}: build one with `python -m speech.data build --out {self.root}`"
@@ -38,9 +42,16 @@ class Corpus:
         key = (part, split)
         if key not in self._manifests:
             path = self.root / part / f"{split}.jsonl"
-            self._manifests[key] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
                 if path.is_file() else []
+            if part == "speech" and self.exclude_texts:
+                entries = [e for e in entries if e.get("text") not in self.exclude_texts]
+            self._manifests[key] = entries
         return self._manifests[key]
+
+    def held_out_texts(self) -> frozenset[str]:
+        """The sentences of the validation and test target-voice speech."""
+        return frozenset(e.get("text") for split in ("val", "test") for e in self.manifest("speech", split))
 
     def resolve(self, part: str, rel: str) -> Path:
         p = Path(rel)
@@ -64,20 +75,33 @@ class Corpus:
     def batch(self, n: int, length: int, rng: np.random.Generator, listen_share: float = 0.0,
               noise_prob: float = 0.0, split: str = "train") -> np.ndarray:
         """``n`` random crops of ``length`` samples: target voice, other speakers, optional noise mixed in."""
-        speech, listen, noise = (self.manifest(p, split) for p in ("speech", "listen", "noise"))
-        if not speech:
-            raise ValueError(f"the corpus at {self.root} has no speech/{split} utterances")
-        out = np.zeros((n, length), dtype=np.float32)
-        for i in range(n):
-            part, pool = ("listen", listen) if listen and rng.random() < listen_share else ("speech", speech)
-            out[i] = _crop(self.audio(part, pool[rng.integers(len(pool))]), length, rng)
-            out[i] *= 10 ** (rng.uniform(-12, 0) / 20)
-            if noise and rng.random() < noise_prob:
-                nz = _crop(self.audio("noise", noise[rng.integers(len(noise))]), length, rng)
-                snr = rng.uniform(5, 25)
-                p_s, p_n = np.mean(out[i] ** 2) + 1e-8, np.mean(nz**2) + 1e-8
-                out[i] += nz * np.sqrt(p_s / (p_n * 10 ** (snr / 10)))
-        return np.clip(out, -1, 1)
+        return mixed_batch([self], n, length, rng, listen_share, noise_prob, split)
+
+
+def mixed_batch(corpora: list[Corpus], n: int, length: int, rng: np.random.Generator, listen_share: float = 0.0,
+                noise_prob: float = 0.0, split: str = "train") -> np.ndarray:
+    """Random crops whose target-voice speech comes from all ``corpora`` (pooled, so the bigger weighs
+    more) and whose other speakers and noise come from the first (extra corpora may carry speech only)."""
+    main = corpora[0]
+    speech = [(c, e) for c in corpora for e in c.manifest("speech", split)]
+    listen, noise = (main.manifest(p, split) for p in ("listen", "noise"))
+    if not speech:
+        raise ValueError(f"the corpus at {main.root} has no speech/{split} utterances")
+    out = np.zeros((n, length), dtype=np.float32)
+    for i in range(n):
+        if listen and rng.random() < listen_share:
+            clip = main.audio("listen", listen[rng.integers(len(listen))])
+        else:
+            corpus, entry = speech[rng.integers(len(speech))]
+            clip = corpus.audio("speech", entry)
+        out[i] = _crop(clip, length, rng)
+        out[i] *= 10 ** (rng.uniform(-12, 0) / 20)
+        if noise and rng.random() < noise_prob:
+            nz = _crop(main.audio("noise", noise[rng.integers(len(noise))]), length, rng)
+            snr = rng.uniform(5, 25)
+            p_s, p_n = np.mean(out[i] ** 2) + 1e-8, np.mean(nz**2) + 1e-8
+            out[i] += nz * np.sqrt(p_s / (p_n * 10 ** (snr / 10)))
+    return np.clip(out, -1, 1)
 
 
 def _crop(x: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:

@@ -108,7 +108,7 @@ def extra_utterances(tc: LSLMTrainConfig, main: Corpus, codec: SpeechCodec, tok:
     roots = [r.strip() for r in tc.extra_data.split(",") if r.strip()]
     if not roots:
         return []
-    held_out = frozenset(e.get("text") for split in ("val", "test") for e in main.manifest("speech", split))
+    held_out = main.held_out_texts()
     voices = {e.get("voice") for e in main.manifest("speech", "train")}
     utts: list[Utterance] = []
     for root in roots:

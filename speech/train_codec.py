@@ -7,6 +7,13 @@ noise mixed in sometimes. Losses: multi-resolution STFT (spectral convergence + 
 L1, a complex-spectrum L1 at the synthesis resolution (it pins the phase the head predicts) and the VQ
 commitment; the codebook follows its assignments by EMA, with dead codes restarted from the batch.
 
+``--ctc-weight W`` adds a CTC loss from each quantized latent, through a one-frame head, to the
+utterance's phonemes (speech/phone_ctc.py): the tokens must then spell what was said, not only sound
+like it (measured at weight 1 from the shipped codec: the round trip got worse, README.md). ``--init CODEC``
+starts every part from a trained codec (tokens drift from there, so an LSLM trained on the old ones must
+be retrained); ``--extra-data A,B`` pools more target-voice corpora, less the main corpus's held-out
+sentences (the generator says some sentences in several corpora).
+
 Resumable: ``--out`` holds the latest checkpoint and the optimizer state; run the same command again.
 
 ``--decoder-from CODEC`` trains only the decoder of a trained codec, grown wider with ``--dec-channels`` and
@@ -33,8 +40,9 @@ from tqdm import tqdm
 from speech.checkpoints import load_codec, save_codec
 from speech.codec import SpeechCodec
 from speech.config import CodecConfig
-from speech.corpus import Corpus
+from speech.corpus import Corpus, mixed_batch
 from speech.grow import grow_decoder
+from speech.phone_ctc import PhoneBatches, PhoneHead, phone_ctc_loss
 from speech.recipe import finish_report, parse_recipe_args
 
 
@@ -59,12 +67,22 @@ class CodecTrainConfig:
     decoder_from: str = ""  # a trained codec: train only its decoder (tokens unchanged)
     dec_channels: int = 0  # with decoder_from: a new decoder this wide (0: the source's)
     dec_blocks: int = 0  # with decoder_from: a new decoder this deep (0: the source's)
+    init: str = ""  # a trained codec to start every part from (its tokens will move)
+    extra_data: str = ""  # more corpora (comma-separated) whose target-voice speech joins the mix
+    ctc_weight: float = 0.0  # > 0: the tokens also learn to spell the phonemes (speech/phone_ctc.py)
+    ctc_batch: int = 8  # whole utterances per step for the CTC loss
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.crop_frames < 2:
             raise ValueError("steps, batch must be >= 1 and crop_frames >= 2")
         if not 0 <= self.listen_share <= 1 or not 0 <= self.noise_prob <= 1:
             raise ValueError("listen_share and noise_prob are probabilities")
+        if self.init and self.decoder_from:
+            raise ValueError("--init trains the whole codec, --decoder-from only a decoder: pick one")
+        if self.ctc_weight < 0 or self.ctc_batch < 1:
+            raise ValueError("ctc_weight must be >= 0 and ctc_batch >= 1")
+        if self.ctc_weight and self.decoder_from:
+            raise ValueError("--ctc-weight shapes the tokens, which --decoder-from keeps frozen")
 
 
 # ---------------------------------------------------------------- losses
@@ -104,6 +122,13 @@ class EmaCodebook:
         self.count = torch.zeros(cb.shape[0], device=cb.device)
         self.sum = torch.zeros_like(cb)
         self.initialised = False
+
+    def adopt(self, frames_per_step: int) -> None:
+        """Continue from the codec's trained codebook: every code starts with a fair share of use."""
+        k = self.count.shape[0]
+        self.count.fill_(frames_per_step / k)
+        self.sum.copy_(self.codec.quantizer.codebook * self.count[:, None])
+        self.initialised = True
 
     def seed(self, latents: torch.Tensor) -> None:
         """Start the codebook from real (warmed-up) latents, not noise."""
@@ -210,10 +235,10 @@ def frame_cost_ms(codec: SpeechCodec, batch: int = 1, reps: int = 30) -> float:
 def quantize_for_training(codec: SpeechCodec, ema: EmaCodebook, z: torch.Tensor, step: int, tc: CodecTrainConfig,
                           corpus: Corpus, crop: int, rng: np.random.Generator):
     """Unit latents → (quantized latents, commitment loss, codes); a plain autoencoder before ``vq_start``."""
-    if step < tc.vq_start:  # warm up as a plain autoencoder: latents spread out before codes are placed
+    if step < tc.vq_start and not ema.initialised:  # warm up as a plain autoencoder: latents spread out before codes are placed
         return z, z.new_zeros(()), torch.zeros(1, dtype=torch.long)
     if step == tc.vq_start and not ema.initialised:
-        more = torch.from_numpy(corpus.batch(tc.batch * 4, crop, rng)).to(z.device)
+        more = torch.from_numpy(corpus.batch(tc.batch * 4, crop, rng)).to(z.device)  # the main corpus
         ema.seed(torch.cat([z.detach(), codec.features_to_latent(codec.encode_features(more)).detach()], 0))
     return ema.quantize(z, train=True)
 
@@ -237,16 +262,27 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus(tc.data)
+    held_out = corpus.held_out_texts()  # extra corpora may say them too: keep them out of training
+    corpora = [corpus, *(Corpus(d.strip(), held_out) for d in tc.extra_data.split(",") if d.strip())]
     ckpt, state_path = out / "codec.safetensors", out / "train_state.pt"
     if ckpt.is_file() and state_path.is_file():
         codec_cfg, codec = load_codec(ckpt)
     elif tc.decoder_from:
         codec = decoder_student(tc)
+    elif tc.init:
+        codec_cfg, codec = load_codec(tc.init)
     else:
         codec = SpeechCodec(codec_cfg or CodecConfig())
     codec.to(device).train()
     ema = EmaCodebook(codec, tc.ema_decay)
+    if tc.init:
+        ema.adopt(tc.batch * tc.crop_frames)
     params = codec.decoder_parameters() if tc.decoder_from else [p for p in codec.parameters() if p.requires_grad]
+    head = phones = None
+    if tc.ctc_weight:
+        phones = PhoneBatches(corpora, codec.cfg.frame_size)
+        head = PhoneHead(codec.cfg.latent_dim, phones.vocab_size).to(device)
+        params = params + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.8, 0.99), weight_decay=1e-4)
     warmup = max(1, min(200, tc.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -258,13 +294,15 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         ema.load(st["ema"])
+        if head is not None and "phone_head" in st:
+            head.load_state_dict(st["phone_head"])
         step = st["step"]
         print(f"resuming from step {step}")
     crop = tc.crop_frames * codec.cfg.frame_size
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=tc.steps, initial=step, desc="codec", unit="step", dynamic_ncols=True)
     while step < tc.steps:
-        x = torch.from_numpy(corpus.batch(tc.batch, crop, rng, tc.listen_share, tc.noise_prob)).to(device)
+        x = torch.from_numpy(mixed_batch(corpora, tc.batch, crop, rng, tc.listen_share, tc.noise_prob)).to(device)
         if tc.decoder_from:  # frozen tokens: the decoder learns to speak them better
             with torch.no_grad():
                 codes = codec.encode(x)
@@ -276,6 +314,12 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
         recon = codec.decode_latent(q)
         parts = spectral_losses(codec, recon, x)
         loss = parts["sc"] + parts["logmag"] + 0.5 * parts["mel"] + 0.5 * parts["complex"] + tc.commit_weight * commit
+        if head is not None:
+            pb = phones.sample(tc.ctc_batch, rng, device)
+            zc = codec.features_to_latent(codec.encode_features(pb.audio))
+            qc = ema.quantize(zc, train=False)[0] if ema.initialised else zc
+            parts["ctc"] = phone_ctc_loss(head, qc, pb)
+            loss = loss + tc.ctc_weight * parts["ctc"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,11 +333,13 @@ def train(tc: CodecTrainConfig, codec_cfg: CodecConfig | None = None) -> dict[st
                    "commit": float(commit.detach()), "perplexity": perplexity(codes, codec.cfg.codebook_size)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel']:.3f}", ppl=f"{rec['perplexity']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", mel=f"{rec['mel']:.3f}", ppl=f"{rec['perplexity']:.0f}",
+                            **({"ctc": f"{rec['ctc']:.2f}"} if "ctc" in rec else {}))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_codec(ckpt, codec)
-            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.state(), "step": step},
-                       state_path)
+            extra = {"phone_head": head.state_dict()} if head is not None else {}
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "ema": ema.state(), "step": step,
+                        **extra}, state_path)
         bar.update(1)
     bar.close()
     log.close()
