@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speech.corpus import Corpus
+from speech.corpus import SAMPLE_RATE, Corpus
 from speech.text import PhonemeTokenizer
 
 BLANK = 0  # the tokenizer's pad id doubles as CTC's blank
@@ -59,7 +59,7 @@ class PhoneBatches:
         for corpus in corpora:
             for entry in corpus.manifest("speech", split):
                 phones = phone_targets(entry.get("phonemes", ""), self.tokenizer)
-                frames = int(entry.get("seconds", 0) * 16000) // frame_size
+                frames = int(entry.get("seconds", 0) * SAMPLE_RATE) // frame_size
                 if phones and entry.get("seconds", 0) <= max_seconds and frames >= len(phones):
                     self.items.append((corpus, entry, phones))
         if not self.items:
