@@ -71,8 +71,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port), "--capacity", str(capacity),
                "--engine-mode", mode, "--device", device, "--log-level", "warning",
-               # the voice alone: no vision or 3D models, no demos (they would only slow the start)
-               "--vision-model", "none", "--point-model", "none", "--no-demo", "--db", "none"]
+               # the voice alone: no vision or 3D models, no demos (they would only slow the start), and the
+               # bench's text spoken as it is: the default chat LM would write the answer first (its first
+               # sentence can take a whole window on a busy CPU) and the ASR would transcribe the mic noise
+               "--vision-model", "none", "--point-model", "none", "--no-demo", "--db", "none",
+               "--chat-model", "echo", "--asr-model", "none"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
