@@ -83,17 +83,19 @@ def mixed_batch(corpora: list[Corpus], n: int, length: int, rng: np.random.Gener
     """Random crops whose target-voice speech comes from all ``corpora`` (pooled, so the bigger weighs
     more) and whose other speakers and noise come from the first (extra corpora may carry speech only)."""
     main = corpora[0]
-    speech = [(c, e) for c in corpora for e in c.manifest("speech", split)]
+    pools = [c.manifest("speech", split) for c in corpora]
+    ends = np.cumsum([len(pool) for pool in pools])  # one index over the pooled manifests, no list built
     listen, noise = (main.manifest(p, split) for p in ("listen", "noise"))
-    if not speech:
+    if not ends[-1]:
         raise ValueError(f"the corpus at {main.root} has no speech/{split} utterances")
     out = np.zeros((n, length), dtype=np.float32)
     for i in range(n):
         if listen and rng.random() < listen_share:
             clip = main.audio("listen", listen[rng.integers(len(listen))])
         else:
-            corpus, entry = speech[rng.integers(len(speech))]
-            clip = corpus.audio("speech", entry)
+            j = int(rng.integers(ends[-1]))
+            c = int(np.searchsorted(ends, j, side="right"))
+            clip = corpora[c].audio("speech", pools[c][j - (ends[c - 1] if c else 0)])
         out[i] = _crop(clip, length, rng)
         out[i] *= 10 ** (rng.uniform(-12, 0) / 20)
         if noise and rng.random() < noise_prob:
