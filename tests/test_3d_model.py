@@ -105,21 +105,66 @@ def test_merge_lora_equals_peft(tmp_path, parts):
 
 
 def test_training_batch_predicts_the_answer_tokens(parts):
-    """The rows lm_batch marks are exactly those whose next input is the answer (teacher forcing)."""
+    """The rows lm_batch marks are exactly those whose next input is the answer (teacher forcing), for a single
+    question and for a chat of follow-up questions about one scene."""
     from vision.scene3d import Example
-    from vision.train3d import encode_examples, lm_batch
+    from vision.train3d import encode_conversation, encode_examples, lm_batch
 
     tok, lm, spatial = parts
     tok = copy.copy(tok)
     exs = [Example(0, "colour", "what colour is the square?", "red"), Example(0, "count", "how many?", "two")]
-    encs = encode_examples(tok, exs)
+    encs = [encode_examples(tok, exs[:1])[0], encode_conversation(tok, exs)]
+    assert len(encs[1].turns) == 2 and encs[1].prefix == encs[0].prefix and encs[1].turns[0] == encs[0].turns[0]
     x, mask, rows, tgt = lm_batch(lm, spatial, torch.stack(clouds(2)), encs, torch.float32)
-    assert x.shape[0] == 2 and mask.sum(1).tolist() == [len(e.prefix) + ECFG.n_patches + len(e.suffix) + len(e.answer) - 1
-                                                        for e in encs]
+    assert x.shape[0] == 2 and mask.sum(1).tolist() == [e.length + ECFG.n_patches - 1 for e in encs]
+    assert tgt.tolist() == [t for e in encs for _, a in e.turns for t in a]
     emb = lm.get_input_embeddings().weight
     for (b, r), t in zip(rows.tolist(), tgt.tolist(), strict=True):
         if r + 1 < int(mask[b].sum()):  # the next input row is the target token's embedding
             torch.testing.assert_close(x[b, r + 1], emb[t])
     assert tgt.tolist()[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    follow_up = tok.decode(encs[1].turns[1][0])
+    assert "how many?" in follow_up and POINTS_PLACEHOLDER not in follow_up
+    with pytest.raises(ValueError, match="same scene"):
+        encode_conversation(tok, [exs[0], Example(1, "count", "how many?", "two")])
     text = tok.apply_chat_template(question_messages("q"), tokenize=False, add_generation_prompt=True)
     assert POINTS_PLACEHOLDER in text
+
+
+def test_schedule_ends_low_whether_steps_or_minutes_run_out():
+    from vision.train3d import schedule
+
+    assert schedule(0, 100, 0.0, 60.0) == pytest.approx(0.1)  # warm-up
+    assert schedule(50, 100, 1.0, 60.0) == pytest.approx(0.5)  # half the steps
+    assert schedule(50, 100, 30.0, 60.0) == pytest.approx(0.5)  # half the minutes
+    assert schedule(10, 100, 59.9, 60.0) < 1e-4  # the time budget is nearly spent: near zero, not near the peak
+    assert schedule(99, 100, 1.0, 60.0) < 1e-3
+
+
+def test_scene_batches_cover_every_scene_with_its_own_questions():
+    from vision.scene3d import Example
+    from vision.train3d import scene_batches
+
+    exs = [Example(s, "k", f"q{s}{i}", "a") for s in range(10) for i in range(3)]
+    batches = scene_batches(exs, batch=2, turns=2, seed=0)
+    epoch = [next(batches) for _ in range(5)]
+    scenes = [exs[chat[0]].scene for b in epoch for chat in b]
+    assert sorted(scenes) == list(range(10))  # every scene once per epoch
+    for b in epoch:
+        for chat in b:
+            assert len(chat) == 2 and len(set(chat)) == 2 and len({exs[j].scene for j in chat}) == 1
+
+
+def test_resume_restores_the_lora(parts):
+    from peft import LoraConfig, get_peft_model
+
+    from vision.train3d import load_lora_weights, lora_weights
+
+    _, lm, _ = parts
+    trained = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    fresh = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    load_lora_weights(fresh, lora_weights(trained))
+    ids = torch.tensor([[1, 5, 9, 20, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)

@@ -10,8 +10,10 @@
    (at a lower rate) the encoder learn from the question answering, with cross-entropy on the answer tokens
    and the closing ``<|im_end|>`` only; logits are computed at those positions alone.
 
-``python -m vision.train3d [--quick]`` runs both. ``OUT/last.pt`` holds the trainable weights after each stage
-(``--skip-encoder`` reuses stage 1 from it), ``OUT/log.jsonl`` the losses and validation accuracies, and
+``--turns N`` puts N questions about one scene in one training sequence, as follow-up turns of one chat (LLaVA's
+multi-turn samples): one LM forward teaches N answers, and the first turn is exactly the prompt served.
+``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``.
+``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it), ``OUT/log.jsonl`` the losses and validation accuracies, and
 ``OUT/weights/`` the exported files the model loads (``spatial.safetensors``, ``lora.safetensors``);
 ``--export DIR`` copies them (e.g. to vision/weights3d/ once held-out accuracy is clearly above the
 majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax);
@@ -55,15 +57,16 @@ class Train3DConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     dtype: str = "bfloat16"  # the frozen LM on the CPU
     max_minutes: float = 25.0  # stage 2 stops here even if steps remain (the whole run stays under 30)
+    turns: int = 3  # questions about one scene per training sequence (follow-up turns of one chat)
     eval_every: int = 50
     eval_examples: int = 96
     seed: int = 0
-    n_patches: int = 64
-    patch_size: int = 32
+    n_patches: int = 256  # spatial tokens per cloud (the shipped model)
+    patch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.batch < 1 or self.lm_steps < 0 or self.encoder_steps < 0:
-            raise ValueError("batch >= 1 and non-negative step counts are required")
+        if self.batch < 1 or self.turns < 1 or self.lm_steps < 0 or self.encoder_steps < 0:
+            raise ValueError("batch >= 1, turns >= 1 and non-negative step counts are required")
 
 
 def normalise_scenes(points: np.ndarray) -> np.ndarray:
@@ -147,19 +150,46 @@ def train_encoder(spatial: SpatialTokenizer, points: Tensor, targets: Tensor, cf
 # ---------------------------------------------------------------------------------------------- stage 2
 @dataclass
 class Encoded:
+    """One training sequence: the text before the cloud, then question/answer turns about that cloud."""
+
     prefix: list[int]  # text before the cloud
-    suffix: list[int]  # question + assistant header
-    answer: list[int]  # answer tokens + <|im_end|>
+    turns: list[tuple[list[int], list[int]]]  # (the text after the cloud or the last answer, the answer + <|im_end|>)
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(q) + len(a) for q, a in self.turns)
+
+
+def encode_conversation(tokenizer, examples: list[Example]) -> Encoded:
+    """Questions about one scene as one chat: the cloud with the first question, the others as follow-up turns.
+
+    As LLaVA trains on several turns per image: one forward of the LM teaches every answer, and the first turn is
+    exactly the single-question prompt served at inference."""
+    if not examples or len({e.scene for e in examples}) != 1:
+        raise ValueError("a conversation needs one or more questions about the same scene")
+    messages = question_messages(examples[0].question)
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    render = lambda m, gen: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    said, prefix, turns = "", None, []
+    for i, e in enumerate(examples):
+        if i:
+            messages = [*messages, {"role": "user", "content": e.question}]
+        asked = render(messages, True)
+        messages = [*messages, {"role": "assistant", "content": e.answer}]
+        if not asked.startswith(said):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        question = asked[len(said):]
+        if prefix is None:
+            pre, question = question.split(POINTS_PLACEHOLDER)
+            prefix = ids(pre)
+        turns.append((ids(question), ids(e.answer + "<|im_end|>")))
+        said = asked + e.answer + "<|im_end|>"
+    return Encoded(prefix, turns)
 
 
 def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:
-    out = []
-    for e in examples:
-        text = tokenizer.apply_chat_template(question_messages(e.question), tokenize=False, add_generation_prompt=True)
-        pre, post = text.split(POINTS_PLACEHOLDER)
-        ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        out.append(Encoded(ids(pre), ids(post), ids(e.answer + "<|im_end|>")))
-    return out
+    """One single-question sequence per example (validation: the prompt as served)."""
+    return [encode_conversation(tokenizer, [e]) for e in examples]
 
 
 def lm_batch(lm, spatial: SpatialTokenizer, clouds: Tensor, encs: list[Encoded], dtype: torch.dtype
@@ -169,13 +199,14 @@ def lm_batch(lm, spatial: SpatialTokenizer, clouds: Tensor, encs: list[Encoded],
     sp = spatial(clouds).to(dtype)  # (B, M, d)
     seqs, pred_rows, targets = [], [], []
     for b, e in enumerate(encs):
-        text_in = e.prefix + [-1] * sp.shape[1] + e.suffix + e.answer[:-1]
-        emb_pre = embed(torch.tensor(e.prefix))
-        emb_post = embed(torch.tensor(e.suffix + e.answer[:-1]))
-        seqs.append(torch.cat([emb_pre, sp[b], emb_post]))
-        start = len(text_in) - len(e.answer)  # the row whose next token is answer[0]
-        pred_rows += [(b, start + j) for j in range(len(e.answer))]
-        targets += e.answer
+        text = [tok for q, a in e.turns for tok in q + a][:-1]  # the last <|im_end|> is only a target
+        seqs.append(torch.cat([embed(torch.tensor(e.prefix)), sp[b], embed(torch.tensor(text))]))
+        pos = len(e.prefix) + sp.shape[1]
+        for q, a in e.turns:
+            pos += len(q)
+            pred_rows += [(b, pos - 1 + j) for j in range(len(a))]  # the row whose next input is a[j]
+            targets += a
+            pos += len(a)
     T = max(s.shape[0] for s in seqs)
     d = seqs[0].shape[1]
     x = torch.zeros(len(seqs), T, d, dtype=dtype)
@@ -214,7 +245,28 @@ def lora_weights(lm) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
+def schedule(step: int, steps: int, minutes: float, max_minutes: float, warmup: int = 10) -> float:
+    """Warm-up, then a cosine to zero over the run's steps or its time budget, whichever ends first, so a run cut
+    by ``max_minutes`` still ends at a low learning rate."""
+    progress = min(1.0, max(step / max(1, steps), minutes / max_minutes if max_minutes > 0 else 0.0))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def scene_batches(examples: list[Example], batch: int, turns: int, seed: int):
+    """Endless batches of ``batch`` scenes, each with up to ``turns`` of its questions in a random order; every
+    scene once per epoch."""
+    by_scene: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_scene.setdefault(e.scene, []).append(i)
+    scenes = sorted(by_scene)
+    rng = random.Random(seed)
+    while True:
+        rng.shuffle(scenes)
+        for k in range(0, len(scenes) - batch + 1, batch):
+            yield [rng.sample(by_scene[s], min(turns, len(by_scene[s]))) for s in scenes[k:k + batch]]
+
+
+def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from lm.loading import load_causal_lm
@@ -238,8 +290,11 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
                            lm_dim=hf_lm.config.hidden_size)
     spatial = SpatialTokenizer(ecfg)
     ckpt = cfg.out / "last.pt"
-    if skip_encoder and ckpt.is_file():
-        spatial.load_state_dict(torch.load(ckpt)["spatial"])
+    state = torch.load(ckpt) if (skip_encoder or resume) and ckpt.is_file() else None
+    if (skip_encoder or resume) and state is None:
+        raise FileNotFoundError(f"{ckpt} does not exist: nothing to reuse or resume")
+    if state is not None:
+        spatial.load_state_dict(state["spatial"])
     else:
         train_encoder(spatial, clouds, torch.from_numpy(patch_targets(scenes, labels)), cfg, log,
                       word_targets(tok, hf_lm.get_input_embeddings()))
@@ -249,7 +304,11 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
     hf_lm.requires_grad_(False)
     lm = get_peft_model(hf_lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                           target_modules=list(cfg.lora_targets)))
-    enc_train, venc = encode_examples(tok, train), encode_examples(tok, val)
+    if resume:
+        if "lora" not in state:
+            raise ValueError(f"{ckpt} holds stage 1 only: use --skip-encoder, not --resume")
+        load_lora_weights(lm, state["lora"])
+    venc = encode_examples(tok, val)
     val_idx = list(range(min(cfg.eval_examples, len(val))))
     vscene = [e.scene for e in val]
     params = [{"params": [p for p in lm.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -258,19 +317,20 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
     for g in params:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
-    order = np.random.default_rng(cfg.seed).permutation(len(train)).tolist()
+    batches = scene_batches(train, cfg.batch, cfg.turns, cfg.seed)
     best = {"val_acc": -1.0}
     history = []
     t_lm = time.time()
     bar = tqdm(range(cfg.lm_steps), desc="stage 2 LM", unit="step")
     step = 0
     for step in bar:
-        chunk = [order[(step * cfg.batch + j) % len(order)] for j in range(cfg.batch)]
-        x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[train[j].scene for j in chunk]], [enc_train[j] for j in chunk], dtype)
+        chats = next(batches)
+        encs = [encode_conversation(tok, [train[j] for j in chat]) for chat in chats]
+        x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[train[chat[0]].scene for chat in chats]], encs, dtype)
         loss, _ = lm_loss(lm, x, mask, rows, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        warm = min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.lm_steps)))
+        warm = schedule(step, cfg.lm_steps, (time.time() - t_lm) / 60, cfg.max_minutes)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * warm
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -299,6 +359,16 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False) -> dict:
     return summary
 
 
+def load_lora_weights(lm, weights: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """The inverse of :func:`lora_weights` (resuming a run)."""
+    mods = dict(lm.named_modules())
+    for key, (a, b) in weights.items():
+        mod = mods[f"base_model.model.{key}"]
+        with torch.no_grad():
+            mod.lora_A["default"].weight.copy_(a)
+            mod.lora_B["default"].weight.copy_(b)
+
+
 def export(folder: Path, spatial: SpatialTokenizer, lm, cfg: Train3DConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_spatial(folder / "spatial.safetensors", spatial)
@@ -315,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-minutes", type=float, default=25.0, help="wall-clock cap of stage 2")
     ap.add_argument("--skip-encoder", action="store_true", help="reuse stage 1 from OUT/last.pt")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue stage 2 from OUT/last.pt (encoder, projector and LoRA), with a fresh schedule")
+    ap.add_argument("--turns", type=int, default=Train3DConfig.turns,
+                    help="questions about one scene per training sequence, as follow-up turns of one chat")
+    ap.add_argument("--lr", type=float, default=Train3DConfig.lr, help="peak learning rate (stage 1; LoRA and projector in stage 2)")
     ap.add_argument("--export", type=Path, default=None, help="copy the best weights here (e.g. vision/weights3d)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--patches", type=int, default=Train3DConfig.n_patches, help="spatial tokens per cloud")
@@ -327,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         encoder_steps=a.encoder_steps if a.encoder_steps is not None else (20 if a.quick else 400),
         lm_steps=a.lm_steps if a.lm_steps is not None else (4 if a.quick else 400),
         batch=a.batch, max_minutes=a.max_minutes, seed=a.seed, n_patches=a.patches, patch_size=a.patch_size,
+        turns=a.turns, lr=a.lr,
         eval_every=2 if a.quick else 50, eval_examples=8 if a.quick else 96,
     )
-    summary = run(cfg, a.skip_encoder)
+    summary = run(cfg, a.skip_encoder, a.resume)
     print(json.dumps({k: summary[k] for k in ("encoder_s", "lm_s", "lm_steps_done", "best", "majority_baseline_val")}))
     if a.export is not None:
         a.export.mkdir(parents=True, exist_ok=True)
