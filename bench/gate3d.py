@@ -9,9 +9,9 @@
   (the best of ``--repeats`` per prompt, summed over the timed prompts). Ungated = ``PackedDecoder.forward``
   over the whole prompt, the serving path.
 * ``--shape 7b``: LLaVA-3D's size for speed alone: a Llama with 7B-shaped layers (d 4096, 32 layers, 32 heads,
-  FFN 11008) and random bfloat16 weights, ~1,600 spatial tokens and 60 text tokens. On a GPU in seconds; on the
-  CPU it needs ~14 GB of memory and minutes per prefill (one timed repeat by default); ``--quick`` shrinks the
-  layers, not the token count.
+  FFN 11008) and random bfloat16 weights, ~1,600 spatial tokens and 60 text tokens. On the CPU it needs ~14 GB
+  of memory and about a minute per ungated prefill (64 s on 2 cores; one timed repeat by default); ``--quick``
+  shrinks the layers (float32 on the CPU), not the token count.
 
 Policies: AdaToken-3D = the policy fitted by ``python -m vision.gate3d analyze`` (vision/weights3d/
 policy_smollm2.json; the paper's 8/16/24 → 80/60/40% when none is fitted), mapped to the model's depth;
@@ -134,7 +134,9 @@ def build_7b(quick: bool, device: str):
     else:
         cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    dtype = torch.float32 if quick else torch.bfloat16  # 6.7 B parameters: 13.5 GB in bfloat16
+    # 6.7 B parameters: 13.5 GB in bfloat16 (float32 would not fit a 24 GB machine); the tiny quick layers stay
+    # float32 on the CPU
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" or not quick else torch.float32
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     slow = args.shape == "7b" and not args.quick and torch.device(args.device).type == "cpu"
     if slow:
-        print("--shape 7b on the CPU: 13.5 GB of random weights, minutes per prefill (--device cuda takes seconds)")
+        print("--shape 7b on the CPU: 13.5 GB of random weights, about a minute per ungated prefill")
     args.repeats = args.repeats or (2 if args.quick else 1 if slow else 5)
     res = run_7b(args) if args.shape == "7b" else run_smollm2(args)
     print(table(res))

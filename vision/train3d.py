@@ -13,10 +13,10 @@
 ``--turns N`` puts N questions about one scene in one training sequence, as follow-up turns of one chat (LLaVA's
 multi-turn samples): one LM forward teaches N answers, and the first turn is exactly the prompt served.
 ``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``.
-``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it), ``OUT/log.jsonl`` the losses and validation accuracies, and
-``OUT/weights/`` the exported files the model loads (``spatial.safetensors``, ``lora.safetensors``);
-``--export DIR`` copies them (e.g. to vision/weights3d/ once held-out accuracy is clearly above the
-majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax);
+``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it),
+``OUT/log.jsonl`` the losses and validation accuracies, and ``OUT/weights/`` the exported files the model loads
+(``spatial.safetensors``, ``lora.safetensors``); ``--export DIR`` copies them (e.g. to vision/weights3d/ once
+held-out accuracy is clearly above the majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax);
 ``python -m bench.gate3d`` measures generated answers on the test split.
 """
 
