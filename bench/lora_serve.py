@@ -9,6 +9,10 @@ scheduler and orchestrator under three policies:
 * ``merged``: one adapter merged at a time, other adapters' requests wait and the merge is swapped
   (dLoRA's merged mode without its unmerged fallback).
 
+A policy name may end in ``:eager`` (e.g. ``unmerged:eager``): the same, with steps run eagerly
+instead of from CUDA graphs (vision/step_graphs.py), to measure the graphs in the same run. Each policy's
+service first replays an untimed warm-up trace (Triton compiles, graphs are captured), then the timed one.
+
 The base model has SmolLM2-135M's shape (``--shape 7b`` for 7B-shaped layers on a GPU) with random
 weights, so nothing is loaded; ``--layers`` trims depth for quick runs. Reported per policy: mean, p50,
 p99 request latency, mean time to first token, throughput, mode steps and switches;
@@ -47,6 +51,8 @@ class PolicyResult:
     steps: int
     switches: int
     mode_steps: str
+    graphs: int = 0  # step graphs captured (warm-up included)
+    graph_steps: int = 0  # timed steps replayed from a graph
 
 
 class _CountTokenizer:
@@ -96,21 +102,52 @@ def make_trace(n: int, n_adapters: int, rate: float, zipf: float, prompt_len: in
             for t, a, L in zip(arrivals, names, lens, strict=True)]
 
 
-def run_policy(policy: str, lm, adapters, trace, args, device: str) -> PolicyResult:
+def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> PolicyResult:
     from vision.decoder import PackedDecoder
-    from vision.model import Prompt, VisionLanguageModel
-    from vision.scheduler import GenRequest, SamplingParams, SchedulerConfig
+    from vision.model import VisionLanguageModel
+    from vision.scheduler import SchedulerConfig
     from vision.service import VisionService, VisionServiceConfig
 
+    name, _, variant = policy.partition(":")
+    if variant not in ("", "eager"):
+        raise ValueError(f"unknown policy variant {variant!r} in {policy!r}: only ':eager'")
     model = VisionLanguageModel("bench", PackedDecoder(copy.deepcopy(lm)), _CountTokenizer(), None, set())
-    cfg = VisionServiceConfig(device=device, lora_slots=len(adapters), max_lora_rank=args.max_rank, policy=policy,
+    cfg = VisionServiceConfig(device=device, lora_slots=len(adapters), max_lora_rank=args.max_rank, policy=name,
                               scheduler=SchedulerConfig(max_running=args.max_running, max_len=1024,
-                                                        max_prefill_tokens=args.prefill_budget))
+                                                        max_prefill_tokens=args.prefill_budget,
+                                                        cuda_graphs="off" if variant else "auto"))
     service = VisionService(model, cfg)
     for a in adapters:
         service.adapters.add(a)
     service.start()
-    lat, ttft, first, done_at = {}, {}, {}, {}
+    try:
+        if warm:
+            replay(service, warm, args)
+        orch, sched = service.orchestrator, service.scheduler
+        modes0, switches0, steps0 = dict(orch.mode_steps), orch.switches, sched.steps
+        graph_steps0 = sched.graphs.steps if sched.graphs is not None else 0
+        lat, first, elapsed = replay(service, trace, args)
+        modes = {k: v - modes0.get(k, 0) for k, v in orch.mode_steps.items() if v - modes0.get(k, 0)}
+        graphs = sched.graphs
+    finally:
+        service.stop()
+    if len(lat) < len(trace):
+        raise RuntimeError(f"{policy}: {len(trace) - len(lat)} requests did not finish in {args.timeout} s")
+    ms = np.array(list(lat.values())) * 1e3
+    ttft = np.array(list(first.values())) * 1e3
+    return PolicyResult(policy, float(ms.mean()), float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
+                        float(ttft.mean()), len(trace) * args.max_tokens / elapsed, sched.steps - steps0,
+                        orch.switches - switches0, ",".join(f"{k}:{v}" for k, v in sorted(modes.items())),
+                        len(graphs.graphs) if graphs is not None else 0,
+                        graphs.steps - graph_steps0 if graphs is not None else 0)
+
+
+def replay(service, trace, args) -> tuple[dict[int, float], dict[int, float], float]:
+    """Submit the trace at its arrival times; (latency s, time to first token s) per request, and the span."""
+    from vision.model import Prompt
+    from vision.scheduler import GenRequest, SamplingParams
+
+    lat, first, done_at = {}, {}, {}
     finished = threading.Event()
     remaining = [len(trace)]
     lock = threading.Lock()
@@ -139,25 +176,16 @@ def run_policy(policy: str, lm, adapters, trace, args, device: str) -> PolicyRes
         params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
         service.scheduler.submit(GenRequest(f"r{i}", name, prompt, params, emitter(i, arrive)))
     finished.wait(args.timeout)
-    elapsed = max(done_at.values(), default=time.perf_counter()) - t0
-    stats = service.orchestrator.stats()
-    steps = service.scheduler.steps
-    service.stop()
-    if len(lat) < len(trace):
-        raise RuntimeError(f"{policy}: {len(trace) - len(lat)} requests did not finish in {args.timeout} s")
-    ms = np.array(list(lat.values())) * 1e3
-    ttft = np.array(list(first.values())) * 1e3
-    modes = ",".join(f"{k}:{v}" for k, v in sorted(stats["mode_steps"].items()))
-    return PolicyResult(policy, float(ms.mean()), float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-                        float(ttft.mean()), len(trace) * args.max_tokens / elapsed, steps, int(stats["switches"]), modes)
+    return lat, first, max(done_at.values(), default=time.perf_counter()) - t0
 
 
-HEADER = f"{'policy':>9} {'mean ms':>9} {'p50 ms':>9} {'p99 ms':>9} {'TTFT ms':>9} {'tok/s':>8} {'steps':>6} {'switch':>6}  modes"
+HEADER = (f"{'policy':>15} {'mean ms':>9} {'p50 ms':>9} {'p99 ms':>9} {'TTFT ms':>9} {'tok/s':>8} {'steps':>6} "
+          f"{'graph':>6} {'switch':>6}  modes")
 
 
 def row(r: PolicyResult) -> str:
-    return (f"{r.policy:>9} {r.mean_ms:9.1f} {r.p50_ms:9.1f} {r.p99_ms:9.1f} {r.ttft_ms:9.1f} {r.tokens_per_s:8.1f} "
-            f"{r.steps:6d} {r.switches:6d}  {r.mode_steps}")
+    return (f"{r.policy:>15} {r.mean_ms:9.1f} {r.p50_ms:9.1f} {r.p99_ms:9.1f} {r.ttft_ms:9.1f} {r.tokens_per_s:8.1f} "
+            f"{r.steps:6d} {r.graph_steps:6d} {r.switches:6d}  {r.mode_steps}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--prefill-budget", type=int, default=512)
-    p.add_argument("--policies", default="auto,unmerged,merged")
+    p.add_argument("--policies", default="auto,unmerged,merged",
+                   help="comma-separated; a ':eager' suffix runs steps without CUDA graphs")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -192,10 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     depth = args.layers or SHAPES[args.shape][4]
     print(f"lora-serve on {name}: {args.shape} x{depth} layers, {args.adapters} adapters (zipf {args.zipf}), "
           f"{args.requests} requests per rate, {args.max_tokens} tokens each", flush=True)
-    # Triton compiles a kernel per tile config on first use (seconds each): replay part of a trace once,
-    # untimed, so that no policy pays for compilation inside its latencies
-    warm = make_trace(max(8, args.requests // 4), args.adapters, rates[0], args.zipf, args.prompt_len, args.seed + 1)
-    run_policy("unmerged", lm, adapters, warm, args, device)
+    # Triton compiles a kernel per tile config on first use (seconds each) and each step shape's graph is
+    # captured on first use: every policy replays part of a trace untimed first, so none pays for that
+    warm = make_trace(max(8, args.requests // 4), args.adapters, rates[-1], args.zipf, args.prompt_len, args.seed + 1)
     out: dict[str, dict] = {}
     reductions: dict[str, float] = {}
     for rate in rates:
@@ -203,13 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{rate:g} requests/s\n{HEADER}", flush=True)
         results = []
         for policy in args.policies.split(","):
-            r = run_policy(policy.strip(), lm, adapters, trace, args, device)
+            r = run_policy(policy.strip(), lm, adapters, trace, warm, args, device)
             print(row(r), flush=True)
             results.append(r)
         by = {r.policy: r for r in results}
         baselines = [by[k].mean_ms for k in ("unmerged", "merged") if k in by]
+        if "unmerged:eager" in by and "unmerged" in by:
+            print(f"CUDA graphs (unmerged): mean latency {1 - by['unmerged'].mean_ms / by['unmerged:eager'].mean_ms:+.1%} "
+                  "lower than eager steps")
         reduction = 1.0 - by["auto"].mean_ms / min(baselines) if "auto" in by and baselines else math.nan
-        print(f"auto vs best baseline: mean latency {reduction:+.1%} lower (target: 20% lower)")
+        if math.isnan(reduction):
+            print("auto vs best baseline: n/a (needs auto and unmerged or merged in --policies)")
+        else:
+            print(f"auto vs best baseline: mean latency {reduction:+.1%} lower (target: 20% lower)")
         out[f"{rate:g}"] = {r.policy: asdict(r) for r in results}
         reductions[f"{rate:g}"] = reduction
     if args.json:

@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_session_seconds": args.max_session_seconds, "drain_seconds": args.drain_seconds, "db": args.db,
         "data_dir": args.data_dir, "vision_model": args.vision_model, "adapter_dir": args.adapter_dir,
         "lora_slots": args.lora_slots, "max_lora_rank": args.max_lora_rank, "lora_policy": args.lora_policy,
-        "point_model": args.point_model,
+        "vision_cuda_graphs": args.vision_cuda_graphs, "point_model": args.point_model,
         "demo": args.demo,
     }
     if args.demo is None and "RT_DEMO" not in os.environ:
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-lora-rank", type=int, help="largest adapter rank accepted (default 64)")
     s.add_argument("--lora-policy", choices=["auto", "unmerged", "merged", "mixture"],
                    help="merged/unmerged/mixture switching (default auto: VaLoRA's orchestrator)")
+    s.add_argument("--vision-cuda-graphs", choices=["auto", "off"],
+                   help="replay vision serving steps from CUDA graphs (default auto: on a GPU)")
     s.add_argument("--demo", action=argparse.BooleanOptionalAction, help="the Gradio demos at /demo "
                    "(default on; --no-demo or RT_DEMO=0: off)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -43,6 +43,7 @@ class Settings:
     max_lora_rank: int = 64
     lora_policy: str = "auto"  # auto | unmerged | merged | mixture (the orchestrator's mode)
     vision_max_running: int = 16  # chat requests decoding at once; more wait in the queue
+    vision_cuda_graphs: str = "auto"  # auto: serving steps replayed from CUDA graphs on a GPU; off: eager
     point_model: str = "default"  # the 3D model: default (vision/weights3d) | a folder of the same files | none
     demo: bool = False  # the Gradio demos at /demo (web/demo.py); `serve` turns them on unless RT_DEMO=0 / --no-demo
     log_level: str = "info"
@@ -67,6 +68,8 @@ class Settings:
             raise ValueError(f"lora_policy must be auto, unmerged, merged or mixture, not {self.lora_policy!r}")
         if self.lora_slots < 1 or self.max_lora_rank < 1 or self.vision_max_running < 1:
             raise ValueError("lora_slots, max_lora_rank and vision_max_running must be at least 1")
+        if self.vision_cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"vision_cuda_graphs must be auto or off, not {self.vision_cuda_graphs!r}")
         if self.max_pending_turns < 1:
             raise ValueError("max_pending_turns must be at least 1")
 

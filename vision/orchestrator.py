@@ -134,6 +134,11 @@ class Orchestrator:
     # ------------------------------------------------------------------ apply
     def apply(self, plan: Plan, token_slots: torch.Tensor) -> None:
         """Merge as the plan says (measured) and set the shared context for this step's forward."""
+        self.prepare(plan)
+        self.set_batch(plan, token_slots)
+
+    def prepare(self, plan: Plan) -> None:
+        """The plan's merge (timed) and bookkeeping; sets the context's merged slot, not its batches."""
         if plan.mode != Mode.UNMERGED and self._stale(plan.slot):
             t0 = time.perf_counter()
             for layer in self.layers.values():
@@ -146,20 +151,35 @@ class Orchestrator:
             self.switches += 1
         self.mode_steps[plan.mode.value] += 1
         self.current = plan
+        self.ctx.merged_slot = -1 if plan.mode == Mode.UNMERGED else plan.slot
+
+    def set_batch(self, plan: Plan, token_slots: torch.Tensor) -> None:
+        """The context's LoRA batches for a forward of ``token_slots`` under a prepared plan."""
         ctx = self.ctx
         if plan.mode == Mode.UNMERGED:
-            ctx.merged_slot = -1
             ctx.add = make_batch_info(token_slots, self.slot_ranks) if bool((token_slots >= 0).any()) else None
             ctx.subtract = None
             return
         k = plan.slot
-        ctx.merged_slot = k
         own = torch.where(token_slots == k, -1, token_slots)  # k's tokens are served by the merged weight
         ctx.add = make_batch_info(own, self.slot_ranks) if bool((own >= 0).any()) else None
         others = token_slots != k
         ctx.subtract = make_batch_info(torch.where(others, k, -1), self.slot_ranks) if bool(others.any()) else None
         if plan.mode == Mode.MERGED and ctx.add is not None:
             raise RuntimeError("merged mode with tokens of another adapter")
+
+    @staticmethod
+    def batch_slots(plan: Plan, token_slots: list[int]) -> tuple[list[int] | None, list[int] | None]:
+        """Host twin of :meth:`set_batch`: the slots that add their delta and those that subtract the merged
+        one (None: no such token), for static batches (vision.step_graphs) that are filled, not built."""
+        if plan.mode == Mode.UNMERGED:
+            return (token_slots if any(s >= 0 for s in token_slots) else None), None
+        k = plan.slot
+        own = [-1 if s == k else s for s in token_slots]
+        if plan.mode == Mode.MERGED and any(s >= 0 for s in own):
+            raise RuntimeError("merged mode with tokens of another adapter")
+        sub = [k if s != k else -1 for s in token_slots]
+        return (own if any(s >= 0 for s in own) else None), (sub if any(s >= 0 for s in sub) else None)
 
     def _stale(self, slot: int) -> bool:
         """Whether the layers' merged buffers do not hold ``slot`` (the manager refills every layer of a slot

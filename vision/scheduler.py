@@ -26,9 +26,11 @@ import torch
 from vision.adapters import AdapterError, AdapterManager
 from vision.decoder import PackedStep, Segment
 from vision.detokenize import IncrementalDetokenizer
+from vision.lora.atmm import triton_available
 from vision.mma import IMAGE, TEXT
 from vision.model import Prompt, VisionLanguageModel
 from vision.orchestrator import Mode, Orchestrator, Plan
+from vision.step_graphs import StepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,15 @@ class SchedulerConfig:
     max_len: int = 2048  # positions per request (prompt + answer)
     max_prefill_tokens: int = 512  # prompt tokens per step: long prompts are prefilled in chunks
     max_waiting: int = 256  # queue depth; beyond it requests are refused (429)
+    # steps from CUDA graphs (vision/step_graphs.py): "auto" = on CUDA unless the model routes per modality;
+    # "off"; "uncaptured" = the same padded static step run eagerly (tests, debugging, any device)
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_len < 16 or self.max_prefill_tokens < 1:
             raise ValueError("max_running >= 1, max_len >= 16 and max_prefill_tokens >= 1 are required")
+        if self.cuda_graphs not in ("auto", "off", "uncaptured"):
+            raise ValueError(f"cuda_graphs must be auto, off or uncaptured, not {self.cuda_graphs!r}")
 
 
 @dataclass
@@ -99,7 +106,9 @@ class Scheduler:
                  cfg: SchedulerConfig | None = None) -> None:
         self.model, self.adapters, self.orchestrator = model, adapters, orchestrator
         self.cfg = cfg or SchedulerConfig()
-        self.cache = model.decoder.new_cache(self.cfg.max_running, self.cfg.max_len)
+        self.graphs = self._step_graphs()
+        self.cache = self.graphs.cache if self.graphs is not None else model.decoder.new_cache(
+            self.cfg.max_running, self.cfg.max_len)
         self._free_slots = list(range(self.cfg.max_running))[::-1]
         self._waiting: deque[GenRequest] = deque()
         self._running: list[GenRequest] = []
@@ -110,6 +119,25 @@ class Scheduler:
         self.last_batch = 0
         self.mode_last = "unmerged"
         self.finished: dict[str, int] = {}  # requests ended, by finish reason / error code / "cancelled"
+
+    def _step_graphs(self) -> StepGraphs | None:
+        """The step graphs, with one more cache slot for their padding rows; None where they do not apply."""
+        mode, model, cfg = self.cfg.cuda_graphs, self.model, self.cfg
+        if mode == "off" or (mode == "auto" and model.device.type != "cuda"):
+            return None
+        if getattr(model, "mma", None) is not None:  # per-token routing is computed on the host each step
+            if mode == "uncaptured":
+                raise ValueError("step graphs do not run a model with mixture-of-modality routing")
+            return None
+        ctx = self.orchestrator.ctx if self.orchestrator is not None else None
+        if ctx is not None and not triton_available():
+            if mode == "uncaptured":
+                raise ValueError("step graphs with LoRA need the Triton kernels (pip install triton)")
+            log.warning("triton is not installed: steps run eagerly")
+            return None
+        cache = model.decoder.new_cache(cfg.max_running + 1, cfg.max_len)
+        return StepGraphs(model.decoder, cache, cfg.max_running, cfg.max_running + cfg.max_prefill_tokens,
+                          cfg.max_running, ctx, capture=mode == "auto")
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -147,6 +175,8 @@ class Scheduler:
                    "step_failures": self.failures}
         if self.orchestrator is not None:
             out["orchestrator"] = self.orchestrator.stats()
+        if self.graphs is not None:
+            out["cuda_graphs"] = self.graphs.stats()
         return out
 
     @torch.inference_mode()
@@ -169,9 +199,11 @@ class Scheduler:
             return
         saved = orch.slot_ranks.clone()
         saved_layers = [(lay.ranks.clone(), list(lay._ranks_host)) for lay in layers]
+        saved_host = list(orch.ctx.slot_ranks_host)
         for lay in layers:  # every slot full rank: the costliest case, whatever is loaded
             lay.ranks.fill_(r_max)
         orch.slot_ranks.fill_(r_max)
+        orch.ctx.slot_ranks_host[:] = [r_max] * S
         dev = self.model.device
         d = self.model.decoder
         hidden = torch.zeros(max(n, wide), d.hidden_size, device=dev, dtype=self.model.dtype)
@@ -184,15 +216,21 @@ class Scheduler:
             else:
                 segs = [Segment(i, 1, 1) for i in range(n)]
             step = PackedStep.build(segs, dev)
+            rows = hidden[:len(slots_list)]
             best = math.inf
             for _ in range(4):
                 _sync(dev)
                 t0 = time.perf_counter()
-                if lora:
-                    orch.apply(Plan(Mode.UNMERGED), torch.tensor(slots_list, dtype=torch.long, device=dev))
-                else:
-                    orch.ctx.add = orch.ctx.subtract = None
-                d(hidden[:len(slots_list)], step, self.cache)
+                graph = self.graphs is not None and self.graphs.fits(segs)  # run as the step will be served
+                if graph:
+                    orch.prepare(Plan(Mode.UNMERGED))
+                    graph = self._graph_step(rows, segs, slots_list if lora else None, None) is not None
+                if not graph:
+                    if lora:
+                        orch.apply(Plan(Mode.UNMERGED), torch.tensor(slots_list, dtype=torch.long, device=dev))
+                    else:
+                        orch.ctx.add = orch.ctx.subtract = None
+                    d(rows, step, self.cache)
                 _sync(dev)
                 best = min(best, (time.perf_counter() - t0) * 1e3)
             return best
@@ -204,6 +242,7 @@ class Scheduler:
             orch.time_merges()
         finally:
             orch.slot_ranks.copy_(saved)
+            orch.ctx.slot_ranks_host[:] = saved_host
             for lay, (r, host) in zip(layers, saved_layers, strict=True):
                 lay.ranks.copy_(r)
                 lay._ranks_host = host
@@ -333,10 +372,7 @@ class Scheduler:
         if dec_idx:
             ids = torch.tensor([owners[i].out_ids[-1] for i in dec_idx], device=dev)
             emb = model.embed_tokens(ids)
-            for j, i in enumerate(dec_idx):
-                chunks[i] = emb[j:j + 1]
-        step = PackedStep.build(segments, dev)
-        slots_t = torch.tensor(token_slots, dtype=torch.long, device=dev)
+        plan = None
         if self.orchestrator is not None:
             res = self._resident_waiting(waiting)
             remaining: dict[int, int] = {}
@@ -344,8 +380,24 @@ class Scheduler:
                 left = r.params.max_tokens - len(r.out_ids)
                 remaining[r.adapter_slot] = max(remaining.get(r.adapter_slot, 0), left)
             plan = self.orchestrator.decide(token_slots, res, remaining)
-            self.orchestrator.apply(plan, slots_t)
-        logits = model.decoder(torch.cat(chunks), step, self.cache)  # (n_segments, vocab)
+        for j, i in enumerate(dec_idx):
+            chunks[i] = emb[j:j + 1]
+        embeds = torch.cat(chunks)
+        prepared = False
+        logits = None
+        if self.graphs is not None and self.graphs.fits(segments):
+            add = sub = None
+            if plan is not None:
+                self.orchestrator.prepare(plan)
+                prepared = True
+                add, sub = self.orchestrator.batch_slots(plan, token_slots)
+            logits = self._graph_step(embeds, segments, add, sub)
+        if logits is None:
+            step = PackedStep.build(segments, dev)
+            if plan is not None:
+                slots_t = torch.tensor(token_slots, dtype=torch.long, device=dev)
+                (self.orchestrator.set_batch if prepared else self.orchestrator.apply)(plan, slots_t)
+            logits = model.decoder(embeds, step, self.cache)  # (n_segments, vocab)
         nxt = self._sample(logits, owners)
         self.steps += 1
         self.last_batch = len(owners)
@@ -357,6 +409,19 @@ class Scheduler:
             r.out_ids.append(int(tok))
             self.tokens_generated += 1
             self._advance(r)
+
+    def _graph_step(self, embeds: torch.Tensor, segments: list[Segment], add: list[int] | None,
+                    sub: list[int] | None) -> torch.Tensor | None:
+        """The step from a CUDA graph. If a graph fails (capture is the fragile part), graphs are turned
+        off for good, logged, and None says to run the step eagerly: its cache writes are idempotent."""
+        try:
+            return self.graphs.run(embeds, segments, add, sub)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - serving goes on without graphs
+            log.exception("a CUDA-graph step failed: this scheduler runs its steps eagerly from now on")
+            self.graphs = None
+            return None
 
     def _gated_prefill(self, r: GenRequest) -> None:
         """AdaToken-3D: the whole prompt at once, spatial tokens pruned by the gate; then decode as usual."""

@@ -247,7 +247,8 @@ def build_point_service(settings: Any, device: str) -> VisionService:
     if gate is None:
         log.warning("no fitted gate policy at %s: 3D prompts are prefilled ungated", policy)
     cfg = VisionServiceConfig(model=str(folder), device=device, lora_slots=1, max_lora_rank=8, gate=gate,
-                              scheduler=SchedulerConfig(max_running=settings.vision_max_running))
+                              scheduler=SchedulerConfig(max_running=settings.vision_max_running,
+                                                        cuda_graphs=settings.vision_cuda_graphs))
     return VisionService(model, cfg)
 
 
@@ -283,6 +284,6 @@ def build_vision_service(settings: Any, device: str) -> VisionService:
     cfg = VisionServiceConfig(
         model=settings.vision_model, device=device, adapter_dir=None if adapter_dir == "none" else adapter_dir,
         lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, policy=settings.lora_policy,
-        scheduler=SchedulerConfig(max_running=settings.vision_max_running),
+        scheduler=SchedulerConfig(max_running=settings.vision_max_running, cuda_graphs=settings.vision_cuda_graphs),
     )
     return VisionService.load(cfg)

@@ -6,10 +6,19 @@ an offline-profiled table (``tiling``, ``python -m vision.lora.profile``), a gro
 and a per-token reference that both are tested against.
 """
 
-from vision.lora.atmm import BACKENDS, LoRABatchInfo, atmm, atmm_reference, atmm_torch, make_batch_info
+from vision.lora.atmm import (
+    BACKENDS,
+    LoRABatchInfo,
+    atmm,
+    atmm_reference,
+    atmm_torch,
+    fill_batch_info,
+    make_batch_info,
+    static_batch_info,
+)
 from vision.lora.tiling import TileConfig, TileKey, TileTable, default_config, lookup, make_key
 
 __all__ = [
     "BACKENDS", "LoRABatchInfo", "TileConfig", "TileKey", "TileTable", "atmm", "atmm_reference", "atmm_torch",
-    "default_config", "lookup", "make_batch_info", "make_key",
+    "default_config", "fill_batch_info", "lookup", "make_batch_info", "make_key", "static_batch_info",
 ]

@@ -69,6 +69,7 @@ class LoRABatchInfo:
     seg_lens_host: tuple[int, ...]
     seg_ranks_host: tuple[int, ...]
     seg_first_host: tuple[int, ...]  # first input row of each segment (meaningful when contiguous)
+    static: bool = False  # built by static_batch_info: device tensors refilled in place, Triton only
 
 
 def _int_vector(t: torch.Tensor, name: str) -> None:
@@ -124,6 +125,64 @@ def make_batch_info(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoRA
     )
 
 
+def static_batch_info(capacity: int, slots: int, max_rank: int, device: torch.device | str) -> LoRABatchInfo:
+    """A batch description whose device tensors never move, for a captured CUDA graph to read.
+
+    One segment per slot, in slot order (``seg_slots`` = 0..S-1), ``capacity`` rows of ``token_order``; each
+    step rewrites the tensors in place (:func:`fill_batch_info`). The host fields are the worst case (every
+    slot a segment, ``capacity`` tokens in one, rank ``max_rank``), so the Triton grid launched when the graph
+    was captured covers any fill: programs past a segment's length or rank exit at once. The grouped torch
+    path reads host fields instead, so a static info runs on the Triton backend (or the reference) only.
+    """
+    if capacity < 1 or slots < 1 or max_rank < 1:
+        raise ValueError("capacity, slots and max_rank must be at least 1")
+    rows = torch.full((2, capacity), -1, dtype=torch.int64, device=device)  # token slots, token order
+    segs = torch.zeros(4, slots, dtype=torch.int32, device=device)  # starts, lengths, ranks, slots
+    segs[3] = torch.arange(slots, dtype=torch.int32, device=device)
+    zeros = (0,) * slots
+    return LoRABatchInfo(  # rows and segs stay whole: fill_batch_info rewrites each with one copy
+        token_slots=rows[0], token_order=rows[1], seg_starts=segs[0], seg_lens=segs[1], seg_ranks=segs[2],
+        seg_slots=segs[3], workspace=torch.zeros((capacity, max_rank), device=device, dtype=torch.float32),
+        num_tokens=capacity, num_active=capacity, num_segments=slots, max_seg_len=capacity, max_rank=max_rank,
+        max_slot=slots - 1, contiguous=False, seg_slots_host=tuple(range(slots)), seg_starts_host=zeros,
+        seg_lens_host=zeros, seg_ranks_host=zeros, seg_first_host=zeros, static=True,
+    )
+
+
+def fill_batch_info(info: LoRABatchInfo, token_slots: list[int], slot_ranks: list[int]) -> None:
+    """Describe this step's tokens in a static info's tensors, in place: two small host-to-device copies.
+
+    ``token_slots``: host ints, at most the info's capacity (the rest are base-only padding); ``slot_ranks``:
+    each slot's rank (the manager's host mirror). Same grouping as :func:`make_batch_info`: tokens sorted by
+    slot (stable), a rank-0 slot's tokens treated as base-only. No device sync.
+    """
+    if not info.static:
+        raise ValueError("fill_batch_info rewrites a static batch info (static_batch_info), not a built one")
+    cap, S = info.num_tokens, info.num_segments
+    if len(token_slots) > cap or len(slot_ranks) != S:
+        raise ValueError(f"{len(token_slots)} tokens for a capacity of {cap}, {len(slot_ranks)} ranks for {S} slots")
+    if any(s < -1 or s >= S for s in token_slots):
+        raise ValueError(f"token_slots must be in [-1, {S})")
+    if any(r < 0 or r > info.max_rank for r in slot_ranks):
+        raise ValueError(f"slot ranks must be within [0, {info.max_rank}], got {slot_ranks}")
+    lens = [0] * S
+    order: list[list[int]] = [[] for _ in range(S)]
+    for t, s in enumerate(token_slots):
+        if s >= 0 and slot_ranks[s] > 0:
+            order[s].append(t)
+            lens[s] += 1
+    flat = [t for ts in order for t in ts]
+    starts, acc = [], 0
+    for n in lens:
+        starts.append(acc)
+        acc += n
+    pad = cap - len(token_slots)
+    rows = torch.tensor([list(token_slots) + [-1] * pad, flat + [0] * (cap - len(flat))], dtype=torch.int64)
+    torch.as_strided(info.token_slots, (2, cap), (cap, 1)).copy_(rows)  # token_slots, token_order
+    segs = torch.tensor([starts, lens, slot_ranks], dtype=torch.int32)
+    torch.as_strided(info.seg_starts, (3, S), (S, 1)).copy_(segs)  # starts, lengths, ranks
+
+
 def check_inputs(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                  scaling: torch.Tensor, slot_ranks: torch.Tensor, info: LoRABatchInfo) -> None:
     """Cheap shape/dtype/device checks (no device sync); ValueError says what to fix."""
@@ -169,7 +228,9 @@ def atmm(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_inputs(y, x, lora_a, lora_b, scaling, slot_ranks, info)
     if backend == "auto":
-        backend = "triton" if x.is_cuda and triton_available() else "torch"
+        backend = "triton" if (x.is_cuda or info.static) and triton_available() else "torch"
+    if info.static and backend == "torch":
+        raise ValueError("a static batch info (static_batch_info, for CUDA graphs) runs on the Triton backend only")
     if backend == "reference":
         return atmm_reference(y, x, lora_a, lora_b, scaling, slot_ranks, info)
     if info.num_segments == 0:
