@@ -13,8 +13,9 @@
   of memory and about a minute per ungated prefill (64 s on 2 cores; one timed repeat by default); ``--quick``
   shrinks the layers (float32 on the CPU), not the token count.
 
-Policies: AdaToken-3D = the policy fitted by ``python -m vision.gate3d analyze`` (vision/weights3d/
-policy_smollm2.json; the paper's 8/16/24 → 80/60/40% when none is fitted), mapped to the model's depth;
+Policies: AdaToken-3D = the shipped policy (vision/weights3d/policy_smollm2.json: chosen on the validation split by
+``python -m vision.gate3d select --write`` among candidates built from ``python -m vision.gate3d analyze``'s
+fitted curve; the paper's 8/16/24 → 80/60/40% when there is none), mapped to the model's depth;
 FastV = K 2, R 50%. ``flops_reduction`` = 1 − FLOPs(AdaToken-3D) / FLOPs(ungated); ``accuracy_drop`` = ungated −
 AdaToken-3D accuracy in points.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vision.decoder import PackedDecoder, PackedStep, Segment
-from vision.gate3d import GatePolicy, LMShape, gated_prefill, generate, policy_flops
+from vision.gate3d import GatePolicy, LMShape, answer_correct, gated_prefill, policy_flops, scene_questions
 
 PAPER_POLICY = GatePolicy(((8, 0.8), (16, 0.6), (24, 0.4)), "adatoken3d", {"source": "paper (LLaVA-3D, 32 layers)"})
 
@@ -78,20 +79,12 @@ def methods(n_layers: int, policy: Path | None = None) -> dict[str, GatePolicy |
 
 def run_smollm2(args) -> dict:
     from vision.model3d import WEIGHTS3D, load_point_lm
-    from vision.scene3d import DEFAULT_OUT, QUICK_OUT, load_split
-    from vision.train3d import normalise_scenes
 
     model = load_point_lm(args.weights or WEIGHTS3D, args.device)
     dec = model.decoder
     shape = LMShape.of(dec)
     pols = methods(shape.layers, args.policy)
-    folder = next((f for f in (args.data, DEFAULT_OUT, QUICK_OUT) if f and (Path(f) / "test.npz").is_file()), None)
-    if folder is None:
-        raise SystemExit("no scene set: run python -m vision.scene3d build [--quick]")
-    pts, _, _, ex = load_split(folder, "test")
-    pts = normalise_scenes(pts)
-    n = args.examples or (8 if args.quick else 300)
-    ex = ex[:n]
+    folder, pts, ex = scene_questions("test", args.examples or (8 if args.quick else 300), args.data)
     cache = dec.new_cache(1, 512)
     trained = bool(model.spatial.trained)
     rows = {m: {"correct": 0, "flops": 0, "latency_s": 0.0} for m in pols}
@@ -108,8 +101,7 @@ def run_smollm2(args) -> dict:
             rows[m]["flops"] += policy_flops(shape, pol, T, n_sp)
             if i < n_timed:
                 rows[m]["latency_s"] += time_prefill(dec, cache, emb, spans, pol, args.repeats)
-            ans = model.tokenizer.decode(generate(model, prompt, pol, cache, embeds=emb), skip_special_tokens=True)
-            ok = int(ans.strip().lower().rstrip(".") == e.answer)
+            ok = int(answer_correct(model, prompt, pol, cache, emb, e.answer))
             rows[m]["correct"] += ok
             per_kind.setdefault(e.kind, {}).setdefault(m, []).append(ok)
     out = {}
@@ -120,6 +112,7 @@ def run_smollm2(args) -> dict:
     res = {"shape": "smollm2", "device": str(dec.embed_tokens.weight.device), "questions": len(ex),
            "timed_prompts": n_timed, "spatial_tokens": model.tokens_per_cloud, "trained_encoder": trained,
            "data": str(folder), "methods": out, "policy_source": pols["adatoken3d"].meta.get("source", "fitted"),
+           "policy_selected_on": pols["adatoken3d"].meta.get("selected_on"),
            "per_kind_accuracy": {k: {m: 100.0 * statistics.mean(v) for m, v in d.items()} for k, d in per_kind.items()}
            if trained else None}
     return _headline(res)
@@ -184,11 +177,13 @@ def _headline(res: dict) -> dict:
 
 def table(res: dict) -> str:
     lines = [f"gate3d [{res['shape']}] on {res['device']}",
-             f"{'method':<12}{'accuracy %':>12}{'GFLOPs':>10}{'prefill ms':>12}  policy"]
+             f"{'method':<12}{'accuracy %':>12}{'GFLOPs':>10}{'FLOPs cut':>11}{'prefill ms':>12}  policy"]
+    full = res["methods"]["ungated"]["prefill_gflops"]
     for name, r in res["methods"].items():
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1f}"
-        pol = ", ".join(f"L{li}:{k:.0%}" for li, k in r["policy"]) or "-"
-        lines.append(f"{name:<12}{acc:>12}{r['prefill_gflops']:>10.3f}{r['prefill_ms']:>12.2f}  {pol}")
+        pol = ", ".join(f"L{li}:{k:.1%}" for li, k in r["policy"]) or "-"
+        cut = f"{1 - r['prefill_gflops'] / full:.1%}" if name != "ungated" else "-"
+        lines.append(f"{name:<12}{acc:>12}{r['prefill_gflops']:>10.3f}{cut:>11}{r['prefill_ms']:>12.2f}  {pol}")
     drop = res["accuracy_drop"]
     lines.append(f"flops_reduction {res['flops_reduction']:.1%} (FastV {res['flops_reduction_fastv']:.1%}); "
                  f"prefill speedup {res['speedup']:.2f}x (FastV {res['speedup_fastv']:.2f}x); accuracy_drop "

@@ -28,13 +28,17 @@ MLP and causal attention for the tokens it processes, plus the scoring rows and 
 
 Shapes: T prompt tokens; n alive tokens; Hq / Hkv heads; D head dim; d model width.
 
-``python -m vision.gate3d analyze [--quick]`` — the contribution analysis (vision/gate3d_flows.py).
+``python -m vision.gate3d analyze [--quick]`` — the contribution analysis (vision/gate3d_flows.py): the fitted curve
+and a first policy from it. ``python -m vision.gate3d select [--quick] [--write]`` — the shipped policy: candidates
+built from that curve, chosen by validation accuracy and FLOPs (vision/gate3d_select.py). ``exact_match`` /
+``answer_correct`` / ``scene_questions`` are the scoring both the selection and ``bench/gate3d.py`` use.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,10 +247,15 @@ def policy_flops(shape: LMShape, policy: GatePolicy | None, T: int, n_spatial: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``analyze`` (vision/gate3d_flows.py) or ``select`` (vision/gate3d_select.py)."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["select"]:
+        from vision.gate3d_select import main as select_main
+
+        return select_main(argv[1:])
     from vision.gate3d_flows import main as flows_main
 
     return flows_main(argv)
-
 
 
 @torch.no_grad()
@@ -276,6 +285,32 @@ def generate(model, prompt, policy: GatePolicy | None, cache: KVCache, slot: int
         step = PackedStep.build([Segment(slot, kept + i, 1, offset)], emb.device)
         logits = dec(model.embed_tokens(torch.tensor([tok], device=emb.device)), step, cache)[0]
     return out
+
+
+# ------------------------------------------------------------------ scoring (shared by bench/gate3d.py and select)
+def exact_match(reply: str, answer: str) -> bool:
+    """The benchmark's score: the reply, lower-cased, stripped of spaces and a final full stop, equals the answer."""
+    return reply.strip().lower().rstrip(".") == answer
+
+
+def scene_questions(split: str, n: int | None, data: Path | None = None) -> tuple[Path, object, list]:
+    """``(folder, normalised points (scenes, P, 6), the first n examples)`` of a built scene3d split: ``data``, else
+    data/scene3d, else data/scene3d-quick."""
+    from vision.scene3d import DEFAULT_OUT, QUICK_OUT, load_split
+    from vision.train3d import normalise_scenes
+
+    folder = next((Path(f) for f in (data, DEFAULT_OUT, QUICK_OUT) if f and (Path(f) / f"{split}.npz").is_file()),
+                  None)
+    if folder is None:
+        raise SystemExit(f"no scene set with a {split} split: run python -m vision.scene3d build [--quick]")
+    pts, _, _, ex = load_split(folder, split)
+    return folder, normalise_scenes(pts), ex[:n] if n else ex
+
+
+def answer_correct(model, prompt, policy: GatePolicy | None, cache: KVCache, embeds: Tensor, answer: str) -> bool:
+    """One question scored as the benchmark scores it: greedy ``generate`` under ``policy``, then ``exact_match``."""
+    ids = generate(model, prompt, policy, cache, embeds=embeds)
+    return exact_match(model.tokenizer.decode(ids, skip_special_tokens=True), answer)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ averaged over layers for the headline share).
 The policy (:func:`fit_policy`): a decaying curve ``f(l) = a · exp(−b l) + c`` is fitted (least squares, grid over
 ``b``) to the per-layer share of spatial tokens contributing at least 5%; the stages sit at ``first`` and then
 evenly through the depth, each keeping ``f(l) / f(0)`` of the spatial tokens (at least ``min_keep``, never more
-than the stage before). Refit per architecture: the result is saved per model in ``vision/weights3d/``.
+than the stage before). Refit per architecture: the result is saved per model in ``vision/weights3d/``. The 5% rule
+says where tokens stop mattering, not what pruning them costs in accuracy, so the shipped policy is then chosen by
+``python -m vision.gate3d select --write`` (vision/gate3d_select.py): candidates built from this curve (``meta.fit``),
+judged on validation accuracy. ``analyze`` overwrites the policy file with the curve's own policy: rerun ``select``.
 
 :func:`dense_forward` is also the gate's reference twin: the decoder's layers with explicit attention matrices and
 per-layer visibility masks (no pruning of work, just masking), so a gated prefill can be checked against it.
@@ -236,7 +239,9 @@ def analyze(model, prompts: list) -> Flows:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vision.gate3d", description="AdaToken-3D contribution analysis")
+    ap = argparse.ArgumentParser(prog="python -m vision.gate3d",
+                                 description="AdaToken-3D contribution analysis (`analyze`); `select` (its own --help): "
+                                             "the shipped policy, chosen on the validation split")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("analyze", help="attention flows over a calibration set → plot, policy")
     a.add_argument("--quick", action="store_true", help="4 calibration prompts")
