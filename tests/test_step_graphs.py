@@ -176,7 +176,7 @@ def ref_greedy(ref, name, ids, n):
 
 
 def _interpreted_scheduler_cases(folder: str) -> None:
-    """In a subprocess with TRITON_INTERPRET=1: greedy answers through uncaptured decode graphs, per policy,
+    """In a subprocess with TRITON_INTERPRET=1: greedy answers through uncaptured step graphs, per policy,
     against peft's; prints {policy: [matched requests, requests, graph steps]} as JSON."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from vision.lora import TileConfig, tiling
@@ -208,18 +208,18 @@ def interpreted(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("policy", ["unmerged", "mixture", "merged", "auto"])
-def test_scheduler_with_static_lora_decode_matches_peft_greedy(interpreted, policy):
+def test_scheduler_with_static_lora_steps_matches_peft_greedy(interpreted, policy):
     """The Triton kernels read the static batches (filled per step, padded grid) in every LoRA mode."""
     ok, total, steps, modes = interpreted[policy]
     assert ok == total, interpreted
-    assert steps > 0  # decode steps went through the static step
+    assert steps > 0  # steps went through the static step
     if policy == "mixture":
         assert modes.get("mixture", 0) > 0, modes
 
 
 @pytest.mark.parametrize("graphs", ["off", "uncaptured"])
-def test_scheduler_base_model_greedy_is_the_same_with_static_decode(graphs):
-    """Prefill chunks eager and decode tokens static in one step: the answers of the plain scheduler."""
+def test_scheduler_base_model_greedy_is_the_same_with_static_steps(graphs):
+    """Prompt chunks and decode tokens as rows of the static step: the answers of the plain scheduler."""
     tok = tiny_tokenizer()
     lm = tiny_llama(len(tok))
     service = _service(lm, tok, {}, "auto", graphs)
@@ -260,7 +260,7 @@ def test_bad_graph_setting_is_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("policy", ["unmerged", "mixture", "merged", "auto"])
-def test_captured_decode_matches_eager_on_cuda(tmp_path, policy):
+def test_captured_steps_match_eager_on_cuda(tmp_path, policy):
     """Captured graphs replayed with new inputs (other requests, another merged adapter) answer as the
     eager scheduler does, token for token."""
     tok = tiny_tokenizer()

@@ -233,7 +233,7 @@ class VisionService:
 
 def build_point_service(settings: Any, device: str) -> VisionService:
     """The 3D model the settings name (``point_model``: ``default`` = the committed ``vision/weights3d``, or a
-    folder of the same files), with its fitted token gate (``policy_*.json`` there, from ``vision.gate3d analyze``) on by default."""
+    folder of the same files), with its token gate (``policy_*.json`` there, chosen by ``vision.gate3d select``) on by default."""
     from vision.gate3d import GatePolicy
     from vision.model3d import WEIGHTS3D, load_point_lm
 
@@ -241,15 +241,20 @@ def build_point_service(settings: Any, device: str) -> VisionService:
     if settings.point_model != "default" and not folder.is_dir():
         raise FileNotFoundError(f"3D model folder not found: {folder}")
     model = load_point_lm(folder, device)
-    found = sorted(folder.glob("policy_*.json")) if folder.is_dir() else []  # fitted by vision.gate3d analyze
+    found = sorted(folder.glob("policy_*.json")) if folder.is_dir() else []  # chosen by vision.gate3d select
     policy = found[0] if found else folder / "policy.json"
     gate = GatePolicy.load(policy) if policy.is_file() else None
     if gate is None:
-        log.warning("no fitted gate policy at %s: 3D prompts are prefilled ungated", policy)
+        log.warning("no gate policy at %s: 3D prompts are prefilled ungated", policy)
     cfg = VisionServiceConfig(model=str(folder), device=device, lora_slots=1, max_lora_rank=8, gate=gate,
-                              scheduler=SchedulerConfig(max_running=settings.vision_max_running,
-                                                        cuda_graphs=settings.vision_cuda_graphs))
+                              scheduler=_scheduler_config(settings))
     return VisionService(model, cfg)
+
+
+def _scheduler_config(settings: Any) -> SchedulerConfig:
+    """The scheduler part of the server settings (``vision_cuda_graphs`` may be absent: auto)."""
+    return SchedulerConfig(max_running=settings.vision_max_running,
+                           cuda_graphs=getattr(settings, "vision_cuda_graphs", "auto"))
 
 
 def _clean(text: str) -> str:
@@ -284,6 +289,6 @@ def build_vision_service(settings: Any, device: str) -> VisionService:
     cfg = VisionServiceConfig(
         model=settings.vision_model, device=device, adapter_dir=None if adapter_dir == "none" else adapter_dir,
         lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, policy=settings.lora_policy,
-        scheduler=SchedulerConfig(max_running=settings.vision_max_running, cuda_graphs=settings.vision_cuda_graphs),
+        scheduler=_scheduler_config(settings),
     )
     return VisionService.load(cfg)
