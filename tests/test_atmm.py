@@ -219,6 +219,21 @@ def _interpreter_cases() -> None:
         if name in DEFAULT_TILE_CASES:  # the public entry, tiles from the table (the default: split_k=64 here)
             out = atmm(y0.clone(), x, a, b, sc, sr, info, backend="triton")
             res[f"{name}/default-tiles"] = (out - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    # a static batch (CUDA graphs): padded capacity, one segment per slot, worst-case grid, refilled in place
+    from vision.lora import fill_batch_info, static_batch_info
+
+    for name in ("mixed", "empty-segments", "single"):
+        slots, ranks = CASES[name]
+        x, y0, a, b, sc, sr, ts = _batch(slots, ranks)
+        cap = len(slots) + 5
+        pad = lambda t: torch.cat([t, torch.zeros(5, t.shape[1])])  # noqa: E731 - base-only padding rows
+        info = static_batch_info(cap, len(ranks), a.shape[1], "cpu")
+        fill_batch_info(info, [0] * len(slots), ranks)  # a first fill, overwritten: refills must not leak
+        fill_batch_info(info, slots, ranks)
+        ref = atmm_reference(pad(y0.clone()), pad(x), a, b, sc, sr, info)
+        for tag, kw in (("small", SMALL), ("split", SPLIT)):
+            out = atmm_triton(pad(y0.clone()), pad(x), a, b, sc, sr, info, **kw)
+            res[f"static-{name}/{tag}"] = (out - ref).abs().max().item() / max(1.0, ref.abs().max().item())
     # the padded-rank (SGMV-style) use of the same kernel: ranks = r_max with zero-padded weights
     p = make_problem(40, 3, 32, 48, 16, dtype=torch.float32)
     a, b = p.lora_a[0], p.lora_b[0]
@@ -239,7 +254,8 @@ def interpreted() -> dict[str, float]:
 
 
 @pytest.mark.parametrize("case", [f"{n}/{t}" for n in TRITON_CASES for t in ("small", "split")]
-                         + [f"{n}/default-tiles" for n in DEFAULT_TILE_CASES] + ["padded-ranks"])
+                         + [f"{n}/default-tiles" for n in DEFAULT_TILE_CASES] + ["padded-ranks"]
+                         + [f"static-{n}/{t}" for n in ("mixed", "empty-segments", "single") for t in ("small", "split")])
 def test_triton_kernel_matches_reference_under_interpreter(interpreted, case):
     assert interpreted[case] < 1e-5
 
