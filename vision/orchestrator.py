@@ -155,23 +155,20 @@ class Orchestrator:
 
     def set_batch(self, plan: Plan, token_slots: torch.Tensor) -> None:
         """The context's LoRA batches for a forward of ``token_slots`` under a prepared plan."""
-        ctx = self.ctx
-        if plan.mode == Mode.UNMERGED:
-            ctx.add = make_batch_info(token_slots, self.slot_ranks) if bool((token_slots >= 0).any()) else None
-            ctx.subtract = None
-            return
-        k = plan.slot
-        own = torch.where(token_slots == k, -1, token_slots)  # k's tokens are served by the merged weight
-        ctx.add = make_batch_info(own, self.slot_ranks) if bool((own >= 0).any()) else None
-        others = token_slots != k
-        ctx.subtract = make_batch_info(torch.where(others, k, -1), self.slot_ranks) if bool(others.any()) else None
-        if plan.mode == Mode.MERGED and ctx.add is not None:
-            raise RuntimeError("merged mode with tokens of another adapter")
+        add, sub = self.batch_slots(plan, token_slots.tolist())
+
+        def info(slots: list[int] | None):
+            if slots is None:
+                return None
+            return make_batch_info(torch.tensor(slots, dtype=torch.long, device=token_slots.device), self.slot_ranks)
+
+        self.ctx.add, self.ctx.subtract = info(add), info(sub)
 
     @staticmethod
     def batch_slots(plan: Plan, token_slots: list[int]) -> tuple[list[int] | None, list[int] | None]:
-        """Host twin of :meth:`set_batch`: the slots that add their delta and those that subtract the merged
-        one (None: no such token), for static batches (vision.step_graphs) that are filled, not built."""
+        """Per token, the slot whose delta it adds and the slot whose delta it subtracts (-1: none; None: no such
+        token at all). The one definition of the modes' LoRA work: :meth:`set_batch` builds batches from it, and
+        the static batches of vision.step_graphs are filled from it."""
         if plan.mode == Mode.UNMERGED:
             return (token_slots if any(s >= 0 for s in token_slots) else None), None
         k = plan.slot

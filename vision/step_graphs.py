@@ -98,8 +98,11 @@ class StepGraphs:
         self.max_segments, self.max_gather = max_segments, max_gather
         n = self.buckets[-1]
         self.embeds = torch.zeros(n, decoder.hidden_size, device=dev, dtype=cache.k.dtype)
-        self.index = torch.zeros(3, n, dtype=torch.long, device=dev)  # rotary positions, cache slots, cache rows
-        self.logit_rows = torch.zeros(max_segments, dtype=torch.long, device=dev)
+        # one buffer, refilled with one copy a step: rotary positions, cache slots, cache rows (n each), then the
+        # rows whose logits are wanted (max_segments)
+        self.inputs = torch.zeros(3 * n + max_segments, dtype=torch.long, device=dev)
+        self.index = self.inputs[:3 * n].view(3, n)
+        self.logit_rows = self.inputs[3 * n:]
         self.rows = torch.arange(n, device=dev)
         self.cols = torch.arange(cache.max_len, device=dev)
         self.lora: dict[int, tuple[LoRABatchInfo, LoRABatchInfo]] = {}  # per row bucket: add, subtract
@@ -163,10 +166,9 @@ class StepGraphs:
             positions.extend(range(s.start + s.pos_offset, s.start + s.pos_offset + s.length))
             slots.extend([s.slot] * s.length)
             last.append(len(cache_rows) - 1)
-        pad = Tp - T
-        self.index[:, :Tp].copy_(torch.tensor([positions + [0] * pad, slots + [self.scratch] * pad,
-                                               cache_rows + [0] * pad], dtype=torch.long))
-        self.logit_rows.copy_(torch.tensor(last + [0] * (self.max_segments - n_seg), dtype=torch.long))
+        pad, n = Tp - T, self.index.shape[1]
+        self.inputs.copy_(torch.tensor(positions + [0] * (n - T) + slots + [self.scratch] * (n - T) + cache_rows
+                                       + [0] * (n - T) + last + [0] * (self.max_segments - n_seg), dtype=torch.long))
         self.embeds[:T].copy_(embeds)
         if pad:
             self.embeds[T:Tp].zero_()

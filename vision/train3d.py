@@ -16,8 +16,8 @@ multi-turn samples): one LM forward teaches N answers, and the first turn is exa
 ``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it),
 ``OUT/log.jsonl`` the losses and validation accuracies, and ``OUT/weights/`` the exported files the model loads
 (``spatial.safetensors``, ``lora.safetensors``); ``--export DIR`` copies them (e.g. to vision/weights3d/ once
-held-out accuracy is clearly above the majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax);
-``python -m bench.gate3d`` measures generated answers on the test split.
+held-out accuracy is clearly above the majority-answer baseline). Validation accuracy here is teacher-forced
+(every answer token is the argmax); ``python -m bench.gate3d`` measures generated answers on the test split.
 """
 
 from __future__ import annotations
