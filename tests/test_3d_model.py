@@ -168,3 +168,34 @@ def test_resume_restores_the_lora(parts):
     ids = torch.tensor([[1, 5, 9, 20, 3]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_gate_aware_training_batch(parts):
+    """Gate-aware fine-tuning on a real training batch: the scoring row is the row that predicts the first answer
+    token (the served prompt's last token), survivors follow the policy, the loss through the gate differs from the
+    plain one and trains the LoRA, and a batch with no sequence drawn is the plain loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from vision.scene3d import Example
+    from vision.train3d import encode_conversation, gate_masks, lm_batch, lm_loss
+
+    tok, lm, spatial = parts
+    peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    exs = [Example(0, "colour", "what colour is the square?", "red"), Example(0, "count", "how many?", "two"),
+           Example(1, "count", "how many squares are there?", "three")]
+    encs = [encode_conversation(tok, exs[:2]), encode_conversation(tok, exs[2:])]
+    x, mask, rows, tgt = lm_batch(peft_lm, spatial, torch.stack(clouds(2)), encs, torch.float32)
+    policy = GatePolicy(((1, 0.5),))
+    assert gate_masks(peft_lm, policy, encs, x, mask, ECFG.n_patches, torch.tensor([False, False])) is None
+    masks = gate_masks(peft_lm, policy, encs, x, mask, ECFG.n_patches, torch.tensor([True, False]))
+    first_rows = [int(rows[rows[:, 0] == b][0, 1]) for b in range(2)]
+    assert masks.batch.last_prompt.tolist() == first_rows
+    assert masks.batch.spatial == (len(encs[0].prefix), len(encs[0].prefix) + ECFG.n_patches)
+    assert [int(a.sum()) for a in masks.alive[-1]] == [6, 12]  # the gated chat keeps 50%, the other everything
+    plain, _ = lm_loss(peft_lm, x, mask, rows, tgt)
+    gated, _ = lm_loss(peft_lm, x, mask, rows, tgt, masks)
+    assert not torch.allclose(gated, plain)
+    gated.backward()
+    grads = [p.grad for n, p in peft_lm.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)

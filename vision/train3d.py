@@ -12,6 +12,9 @@
 
 ``--turns N`` puts N questions about one scene in one training sequence, as follow-up turns of one chat (LLaVA's
 multi-turn samples): one LM forward teaches N answers, and the first turn is exactly the prompt served.
+``--gate-policy FILE`` (gate-aware fine-tuning, vision/gate_aware.py): a share (``--gate-share``) of the training
+sequences is seen through that AdaToken-3D policy, pruned as serving prunes it, so the model learns to answer from
+the surviving spatial tokens; validation then scores both ways and keeps the checkpoint with the best mean.
 ``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``.
 ``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it),
 ``OUT/log.jsonl`` the losses and validation accuracies, and ``OUT/weights/`` the exported files the model loads
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vision.encoder3d import Encoder3DConfig, SpatialTokenizer
+from vision.gate3d import GatePolicy
 from vision.model3d import POINTS_PLACEHOLDER, question_messages, save_lora, save_spatial
 from vision.scene3d import COLOURS, DEFAULT_OUT, QUICK_OUT, SHAPES, Example, load_split, majority_baseline
 
@@ -63,10 +67,14 @@ class Train3DConfig:
     seed: int = 0
     n_patches: int = 256  # spatial tokens per cloud (the shipped model)
     patch_size: int = 16
+    gate_policy: Path | None = None  # gate-aware fine-tuning: sequences seen through this policy (vision/gate_aware.py)
+    gate_share: float = 0.5  # the share of training sequences run through the gate
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.turns < 1 or self.lm_steps < 0 or self.encoder_steps < 0:
             raise ValueError("batch >= 1, turns >= 1 and non-negative step counts are required")
+        if not 0.0 <= self.gate_share <= 1.0:
+            raise ValueError(f"gate_share must be in [0, 1], got {self.gate_share}")
 
 
 def normalise_scenes(points: np.ndarray) -> np.ndarray:
@@ -216,20 +224,49 @@ def lm_batch(lm, spatial: SpatialTokenizer, clouds: Tensor, encs: list[Encoded],
     return x, mask, torch.tensor(pred_rows), torch.tensor(targets)
 
 
-def lm_loss(lm, x: Tensor, mask: Tensor, rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    h = lm.base_model.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, T, d)
+def lm_loss(lm, x: Tensor, mask: Tensor, rows: Tensor, targets: Tensor, gate=None) -> tuple[Tensor, Tensor]:
+    """Cross-entropy on the answer rows; with ``gate`` (a selected ``GateMasks``, :func:`gate_masks`), the
+    sequences it draws are seen through the AdaToken-3D gate."""
+    from contextlib import nullcontext
+
+    from vision.gate_aware import gate_hooks
+
+    with gate_hooks(lm, gate, x.shape[1], x.dtype) if gate is not None else nullcontext():
+        h = lm.base_model.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, T, d)
     logits = lm.base_model.model.lm_head(h[rows[:, 0], rows[:, 1]]).float()  # (n_answer_tokens, V)
     return F.cross_entropy(logits, targets), logits.argmax(-1) == targets
 
 
+def gate_masks(lm, policy, encs: list[Encoded], x: Tensor, mask: Tensor, n_spatial: int, gated: Tensor):
+    """The gate's survivors for the ``gated`` sequences of an ``lm_batch`` (vision/gate_aware.py), chosen by a
+    no-gradient pass over the prompts; ``None`` when no sequence is drawn."""
+    from vision.gate_aware import GateBatch, GateMasks
+
+    if not bool(gated.any()):
+        return None
+    if len({len(e.prefix) for e in encs}) != 1:
+        raise ValueError("gate-aware training needs one prefix length across the batch")
+    s = len(encs[0].prefix)
+    last = torch.tensor([s + n_spatial + len(e.turns[0][0]) - 1 for e in encs], device=x.device)
+    masks = GateMasks(policy, GateBatch(mask.sum(1), (s, s + n_spatial), last, gated),
+                      len(lm.base_model.model.model.layers))
+    masks.select(lm, x)
+    return masks
+
+
 def teacher_forced_accuracy(lm, spatial, clouds: Tensor, encs: list[Encoded], idx: list[int], scene_of: list[int],
-                            dtype: torch.dtype, batch: int) -> float:
+                            dtype: torch.dtype, batch: int, gate=None) -> float:
+    """Share of questions whose every answer token is the argmax; ``gate``: a policy every sequence is seen
+    through (the served gated model)."""
     correct = 0
     with torch.no_grad():
         for i in range(0, len(idx), batch):
             chunk = idx[i:i + batch]
-            x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[scene_of[j] for j in chunk]], [encs[j] for j in chunk], dtype)
-            _, ok = lm_loss(lm, x, mask, rows, tgt)
+            ce = [encs[j] for j in chunk]
+            x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[scene_of[j] for j in chunk]], ce, dtype)
+            every = torch.ones(len(chunk), dtype=torch.bool)
+            masks = gate_masks(lm, gate, ce, x, mask, spatial.tokens_per_cloud, every) if gate is not None else None
+            _, ok = lm_loss(lm, x, mask, rows, tgt, masks)
             owner = rows[:, 0]
             correct += sum(bool(ok[owner == b].all()) for b in range(len(chunk)))
     return correct / max(1, len(idx))
@@ -318,6 +355,8 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) ->
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     batches = scene_batches(train, cfg.batch, cfg.turns, cfg.seed)
+    gate = GatePolicy.load(cfg.gate_policy) if cfg.gate_policy is not None else None
+    draw = torch.Generator().manual_seed(cfg.seed + 1)
     best = {"val_acc": -1.0}
     history = []
     t_lm = time.time()
@@ -327,7 +366,11 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) ->
         chats = next(batches)
         encs = [encode_conversation(tok, [train[j] for j in chat]) for chat in chats]
         x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[train[chat[0]].scene for chat in chats]], encs, dtype)
-        loss, _ = lm_loss(lm, x, mask, rows, tgt)
+        masks = None
+        if gate is not None:
+            gated = torch.rand(len(encs), generator=draw) < cfg.gate_share
+            masks = gate_masks(lm, gate, encs, x, mask, cfg.n_patches, gated)
+        loss, _ = lm_loss(lm, x, mask, rows, tgt, masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         warm = schedule(step, cfg.lm_steps, (time.time() - t_lm) / 60, cfg.max_minutes)
@@ -341,10 +384,18 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) ->
         if (step + 1) % cfg.eval_every == 0 or step == cfg.lm_steps - 1 or out_of_time:
             spatial.eval()
             acc = teacher_forced_accuracy(lm, spatial, vclouds, venc, val_idx, vscene, dtype, cfg.batch)
+            rec = {"step": step + 1, "val_acc": acc}
+            if gate is not None:  # the served model is gated: the best checkpoint is the best mean of the two
+                rec["val_acc_ungated"] = acc
+                rec["val_acc_gated"] = teacher_forced_accuracy(lm, spatial, vclouds, venc, val_idx, vscene, dtype,
+                                                               cfg.batch, gate)
+                rec["val_acc"] = acc = (acc + rec["val_acc_gated"]) / 2
             spatial.train()
-            history.append({"step": step + 1, "val_acc": acc})
-            log({"stage": "lm", "step": step, "val_acc": acc})
-            tqdm.write(f"step {step + 1}: val teacher-forced accuracy {acc:.3f} ({len(val_idx)} questions)")
+            history.append(rec)
+            log({"stage": "lm", "step": step, **{k: v for k, v in rec.items() if k != "step"}})
+            tqdm.write(f"step {step + 1}: val teacher-forced accuracy {acc:.3f} ({len(val_idx)} questions)"
+                       + (f"; ungated {rec['val_acc_ungated']:.3f}, gated {rec['val_acc_gated']:.3f}"
+                          if gate is not None else ""))
             if acc > best["val_acc"]:
                 best = {"val_acc": acc, "step": step + 1}
                 export(cfg.out / "weights", spatial, lm, cfg)
@@ -394,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--patches", type=int, default=Train3DConfig.n_patches, help="spatial tokens per cloud")
     ap.add_argument("--patch-size", type=int, default=Train3DConfig.patch_size, help="points per patch")
+    ap.add_argument("--gate-policy", type=Path, default=None,
+                    help="gate-aware fine-tuning: a share of sequences pruned by this AdaToken-3D policy file")
+    ap.add_argument("--gate-share", type=float, default=Train3DConfig.gate_share,
+                    help="the share of training sequences seen through --gate-policy")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = Train3DConfig(
@@ -402,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder_steps=a.encoder_steps if a.encoder_steps is not None else (20 if a.quick else 400),
         lm_steps=a.lm_steps if a.lm_steps is not None else (4 if a.quick else 400),
         batch=a.batch, max_minutes=a.max_minutes, seed=a.seed, n_patches=a.patches, patch_size=a.patch_size,
-        turns=a.turns, lr=a.lr,
+        turns=a.turns, lr=a.lr, gate_policy=a.gate_policy, gate_share=a.gate_share,
         eval_every=2 if a.quick else 50, eval_examples=8 if a.quick else 96,
     )
     summary = run(cfg, a.skip_encoder, a.resume)
