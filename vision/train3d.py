@@ -237,10 +237,10 @@ def lm_loss(lm, x: Tensor, mask: Tensor, rows: Tensor, targets: Tensor, gate=Non
     return F.cross_entropy(logits, targets), logits.argmax(-1) == targets
 
 
-def gate_masks(lm, policy, encs: list[Encoded], x: Tensor, mask: Tensor, n_spatial: int, gated: Tensor):
+def gate_masks(lm, policy: GatePolicy, encs: list[Encoded], x: Tensor, mask: Tensor, n_spatial: int, gated: Tensor):
     """The gate's survivors for the ``gated`` sequences of an ``lm_batch`` (vision/gate_aware.py), chosen by a
     no-gradient pass over the prompts; ``None`` when no sequence is drawn."""
-    from vision.gate_aware import GateBatch, GateMasks
+    from vision.gate_aware import GateBatch, GateMasks, decoder_layers
 
     if not bool(gated.any()):
         return None
@@ -248,14 +248,13 @@ def gate_masks(lm, policy, encs: list[Encoded], x: Tensor, mask: Tensor, n_spati
         raise ValueError("gate-aware training needs one prefix length across the batch")
     s = len(encs[0].prefix)
     last = torch.tensor([s + n_spatial + len(e.turns[0][0]) - 1 for e in encs], device=x.device)
-    masks = GateMasks(policy, GateBatch(mask.sum(1), (s, s + n_spatial), last, gated),
-                      len(lm.base_model.model.model.layers))
+    masks = GateMasks(policy, GateBatch(mask.sum(1), (s, s + n_spatial), last, gated), len(decoder_layers(lm)))
     masks.select(lm, x)
     return masks
 
 
 def teacher_forced_accuracy(lm, spatial, clouds: Tensor, encs: list[Encoded], idx: list[int], scene_of: list[int],
-                            dtype: torch.dtype, batch: int, gate=None) -> float:
+                            dtype: torch.dtype, batch: int, gate: GatePolicy | None = None) -> float:
     """Share of questions whose every answer token is the argmax; ``gate``: a policy every sequence is seen
     through (the served gated model)."""
     correct = 0
@@ -264,8 +263,8 @@ def teacher_forced_accuracy(lm, spatial, clouds: Tensor, encs: list[Encoded], id
             chunk = idx[i:i + batch]
             ce = [encs[j] for j in chunk]
             x, mask, rows, tgt = lm_batch(lm, spatial, clouds[[scene_of[j] for j in chunk]], ce, dtype)
-            every = torch.ones(len(chunk), dtype=torch.bool)
-            masks = gate_masks(lm, gate, ce, x, mask, spatial.tokens_per_cloud, every) if gate is not None else None
+            masks = None if gate is None else gate_masks(lm, gate, ce, x, mask, spatial.tokens_per_cloud,
+                                                         torch.ones(len(chunk), dtype=torch.bool))
             _, ok = lm_loss(lm, x, mask, rows, tgt, masks)
             owner = rows[:, 0]
             correct += sum(bool(ok[owner == b].all()) for b in range(len(chunk)))
