@@ -72,6 +72,7 @@ class GateMasks:
         alive = torch.ones(len(b.lengths), e - s, dtype=torch.bool, device=x.device)
         self.alive = []
         lengths = torch.minimum(b.lengths, b.last_prompt + 1)
+        mask: list[Tensor] = []
 
         def pre(li: int):
             def hook(module, args, kwargs):
@@ -79,8 +80,10 @@ class GateMasks:
                 h = args[0] if args else kwargs["hidden_states"]
                 if li in self.stages:
                     alive = self._prune(module, h, kwargs["position_embeddings"], alive, self.stages[li])
+                if not self.alive or alive is not self.alive[-1]:  # a new mask only where a stage pruned
+                    mask[:] = [self._mask(alive, alive, b.last_prompt, lengths, T, h.dtype)]
                 self.alive.append(alive)
-                kwargs["attention_mask"] = self._mask(alive, alive, b.last_prompt, lengths, T, h.dtype)
+                kwargs["attention_mask"] = mask[0]
                 return args, kwargs
             return hook
 
@@ -149,7 +152,10 @@ class GateMasks:
 @contextmanager
 def gate_hooks(lm, masks: GateMasks, T: int, dtype: torch.dtype) -> Iterator[None]:
     """While open, every decoder layer of ``lm`` attends with ``masks.layer_mask`` instead of the plain mask."""
-    built = [masks.layer_mask(li, T, dtype) for li in range(masks.n_layers)]
+    built: list[Tensor] = []
+    for li in range(masks.n_layers):  # layers between stages share their alive set, hence their mask
+        same = li > 0 and masks.alive[li] is masks.alive[li - 1]
+        built.append(built[-1] if same else masks.layer_mask(li, T, dtype))
 
     def pre(li: int):
         def hook(module, args, kwargs):
