@@ -170,6 +170,38 @@ def test_resume_restores_the_lora(parts):
         torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
+def test_init_from_exported_weights(tmp_path, parts):
+    """``train3d --init DIR`` starts from exported files: the fp16 round trip restores the spatial tokenizer and the
+    LoRA (same logits as the trained model), and a missing file or another patch layout or rank fails up front."""
+    from peft import LoraConfig, get_peft_model
+
+    from vision.train3d import Train3DConfig, init_state, load_lora_weights, lora_weights
+
+    _, lm, spatial = parts
+    trained = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    with pytest.raises(FileNotFoundError, match="lora.safetensors"):
+        save_spatial(tmp_path / "spatial.safetensors", spatial)
+        init_state(tmp_path, Train3DConfig(n_patches=ECFG.n_patches, patch_size=ECFG.patch_size))
+    save_lora(tmp_path / "lora.safetensors", lora_weights(trained), 4, 8)
+    cfg = Train3DConfig(n_patches=ECFG.n_patches, patch_size=ECFG.patch_size, lora_rank=4, lora_alpha=8.0)
+    state = init_state(tmp_path, cfg)
+    back = SpatialTokenizer(ECFG).eval()
+    back.load_state_dict(state["spatial"])
+    x = torch.stack(clouds(2))
+    torch.testing.assert_close(back(x), spatial(x), rtol=1e-2, atol=1e-2)  # fp16-stored
+    fresh = get_peft_model(copy.deepcopy(lm), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    load_lora_weights(fresh, state["lora"])
+    ids = torch.tensor([[1, 5, 9, 20, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="patches"):
+        init_state(tmp_path, Train3DConfig(n_patches=2 * ECFG.n_patches, patch_size=ECFG.patch_size,
+                                           lora_rank=4, lora_alpha=8.0))
+    with pytest.raises(ValueError, match="rank 4"):
+        init_state(tmp_path, Train3DConfig(n_patches=ECFG.n_patches, patch_size=ECFG.patch_size))
+
+
 def test_gate_aware_training_batch(parts):
     """Gate-aware fine-tuning on a real training batch: the scoring row is the row that predicts the first answer
     token (the served prompt's last token), survivors follow the policy, the loss through the gate differs from the

@@ -155,21 +155,26 @@ def save_lora(path: Path, lora: dict[str, tuple[Tensor, Tensor]], rank: int, alp
     save_file(sd, str(path), metadata={"rank": str(rank), "alpha": str(alpha)})
 
 
-@torch.no_grad()
-def merge_lora(hf_lm: nn.Module, path: Path) -> int:
-    """W += (alpha / r) · B A for every projection in the file; returns how many were merged."""
+def load_lora(path: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], int, float]:
+    """The inverse of :func:`save_lora`: (module path → (A, B) in float32, rank, alpha)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        scale = float(meta["alpha"]) / int(meta["rank"])
         names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
-        for name in names:
-            lin = hf_lm.get_submodule(name)
-            a, b = f.get_tensor(f"{name}.A").float(), f.get_tensor(f"{name}.B").float()
-            w = lin.weight.data
-            lin.weight.data = (w.float() + scale * (b @ a).to(w.device)).to(w.dtype)
-    return len(names)
+        lora = {n: (f.get_tensor(f"{n}.A").float(), f.get_tensor(f"{n}.B").float()) for n in names}
+    return lora, int(meta["rank"]), float(meta["alpha"])
+
+
+@torch.no_grad()
+def merge_lora(hf_lm: nn.Module, path: Path) -> int:
+    """W += (alpha / r) · B A for every projection in the file; returns how many were merged."""
+    lora, rank, alpha = load_lora(path)
+    for name, (a, b) in lora.items():
+        lin = hf_lm.get_submodule(name)
+        w = lin.weight.data
+        lin.weight.data = (w.float() + alpha / rank * (b @ a).to(w.device)).to(w.dtype)
+    return len(lora)
 
 
 def stop_ids(tokenizer: Any, hf_lm: nn.Module) -> frozenset[int]:

@@ -15,7 +15,8 @@ multi-turn samples): one LM forward teaches N answers, and the first turn is exa
 ``--gate-policy FILE`` (gate-aware fine-tuning, vision/gate_aware.py): a share (``--gate-share``) of the training
 sequences is seen through that AdaToken-3D policy, pruned as serving prunes it, so the model learns to answer from
 the surviving spatial tokens; validation then scores both ways and keeps the checkpoint with the best mean.
-``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``.
+``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``, ``--init DIR``
+from exported weights (e.g. the shipped ``vision/weights3d``, to fine-tune it further).
 ``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it),
 ``OUT/log.jsonl`` the losses and validation accuracies, and ``OUT/weights/`` the exported files the model loads
 (``spatial.safetensors``, ``lora.safetensors``); ``--export DIR`` copies them (e.g. to vision/weights3d/ once
@@ -302,7 +303,27 @@ def scene_batches(examples: list[Example], batch: int, turns: int, seed: int):
             yield [rng.sample(by_scene[s], min(turns, len(by_scene[s]))) for s in scenes[k:k + batch]]
 
 
-def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) -> dict:
+def init_state(folder: Path, cfg: Train3DConfig) -> dict:
+    """A stage-2 starting point from exported weights (``spatial.safetensors`` + ``lora.safetensors``), checked
+    against the run's config so that a mismatch fails here and not as a shape error deep in training."""
+    from vision.model3d import load_lora, load_spatial
+
+    files = [folder / "spatial.safetensors", folder / "lora.safetensors"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--init needs exported weights; missing: {', '.join(missing)}")
+    spatial = load_spatial(files[0])
+    if (spatial.cfg.n_patches, spatial.cfg.patch_size) != (cfg.n_patches, cfg.patch_size):
+        raise ValueError(f"{files[0]} has {spatial.cfg.n_patches} patches of {spatial.cfg.patch_size} points; "
+                         f"the run asks for {cfg.n_patches} of {cfg.patch_size} (--patches, --patch-size)")
+    lora, rank, alpha = load_lora(files[1])
+    if (rank, alpha) != (cfg.lora_rank, cfg.lora_alpha):
+        raise ValueError(f"{files[1]} is rank {rank}, alpha {alpha}; the run trains rank {cfg.lora_rank}, "
+                         f"alpha {cfg.lora_alpha}")
+    return {"spatial": spatial.state_dict(), "lora": lora, "stage": "lm"}
+
+
+def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False, init: Path | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from lm.loading import load_causal_lm
@@ -326,9 +347,13 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False) ->
                            lm_dim=hf_lm.config.hidden_size)
     spatial = SpatialTokenizer(ecfg)
     ckpt = cfg.out / "last.pt"
+    if init is not None and (skip_encoder or resume):
+        raise ValueError("--init starts from exported weights: it does not combine with --resume or --skip-encoder")
     state = torch.load(ckpt) if (skip_encoder or resume) and ckpt.is_file() else None
     if (skip_encoder or resume) and state is None:
         raise FileNotFoundError(f"{ckpt} does not exist: nothing to reuse or resume")
+    if init is not None:
+        state, resume = init_state(init, cfg), True
     if state is not None:
         spatial.load_state_dict(state["spatial"])
     else:
@@ -437,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-encoder", action="store_true", help="reuse stage 1 from OUT/last.pt")
     ap.add_argument("--resume", action="store_true",
                     help="continue stage 2 from OUT/last.pt (encoder, projector and LoRA), with a fresh schedule")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start stage 2 from exported weights (a folder like vision/weights3d) instead of OUT/last.pt")
     ap.add_argument("--turns", type=int, default=Train3DConfig.turns,
                     help="questions about one scene per training sequence, as follow-up turns of one chat")
     ap.add_argument("--lr", type=float, default=Train3DConfig.lr, help="peak learning rate (stage 1; LoRA and projector in stage 2)")
@@ -459,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         turns=a.turns, lr=a.lr, gate_policy=a.gate_policy, gate_share=a.gate_share,
         eval_every=2 if a.quick else 50, eval_examples=8 if a.quick else 96,
     )
-    summary = run(cfg, a.skip_encoder, a.resume)
+    summary = run(cfg, a.skip_encoder, a.resume, a.init)
     print(json.dumps({k: summary[k] for k in ("encoder_s", "lm_s", "lm_steps_done", "best", "majority_baseline_val")}))
     if a.export is not None:
         a.export.mkdir(parents=True, exist_ok=True)
