@@ -17,7 +17,8 @@ Policies: AdaToken-3D = the shipped policy (vision/weights3d/policy_smollm2.json
 ``python -m vision.gate3d select --write`` among candidates built from ``python -m vision.gate3d analyze``'s
 fitted curve; the paper's 8/16/24 → 80/60/40% when there is none), mapped to the model's depth;
 FastV = K 2, R 50%. ``flops_reduction`` = 1 − FLOPs(AdaToken-3D) / FLOPs(ungated); ``accuracy_drop`` = ungated −
-AdaToken-3D accuracy in points.
+AdaToken-3D accuracy in points, ``accuracy_drop_se`` its paired standard error over the questions (at 300
+questions a drop of a point or two is within it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from vision.decoder import PackedDecoder, PackedStep, Segment
 from vision.gate3d import GatePolicy, LMShape, answer_correct, gated_prefill, policy_flops, scene_questions
+from vision.gate3d_select import paired_se
 
 PAPER_POLICY = GatePolicy(((8, 0.8), (16, 0.6), (24, 0.4)), "adatoken3d", {"source": "paper (LLaVA-3D, 32 layers)"})
 
@@ -92,6 +94,7 @@ def run_smollm2(args) -> dict:
     from tqdm import tqdm
 
     per_kind: dict[str, dict[str, list[int]]] = {}
+    hits: dict[str, list[int]] = {m: [] for m in pols}
     for i, e in enumerate(tqdm(ex, desc="gate3d bench", unit="question")):
         prompt = model.question_prompt(e.question, torch.from_numpy(pts[e.scene]))
         emb = model.embed_prompt(prompt)
@@ -103,6 +106,7 @@ def run_smollm2(args) -> dict:
                 rows[m]["latency_s"] += time_prefill(dec, cache, emb, spans, pol, args.repeats)
             ok = int(answer_correct(model, prompt, pol, cache, emb, e.answer))
             rows[m]["correct"] += ok
+            hits[m].append(ok)
             per_kind.setdefault(e.kind, {}).setdefault(m, []).append(ok)
     out = {}
     for m, r in rows.items():
@@ -115,6 +119,8 @@ def run_smollm2(args) -> dict:
            "policy_selected_on": pols["adatoken3d"].meta.get("selected_on"),
            "per_kind_accuracy": {k: {m: 100.0 * statistics.mean(v) for m, v in d.items()} for k, d in per_kind.items()}
            if trained else None}
+    for key, m in (("accuracy_drop_se", "adatoken3d"), ("accuracy_drop_fastv_se", "fastv")):
+        res[key] = paired_se(hits["ungated"], hits[m]) if trained and len(ex) > 1 else None
     return _headline(res)
 
 
@@ -184,10 +190,11 @@ def table(res: dict) -> str:
         pol = ", ".join(f"L{li}:{k:.1%}" for li, k in r["policy"]) or "-"
         cut = f"{1 - r['prefill_gflops'] / full:.1%}" if name != "ungated" else "-"
         lines.append(f"{name:<12}{acc:>12}{r['prefill_gflops']:>10.3f}{cut:>11}{r['prefill_ms']:>12.2f}  {pol}")
-    drop = res["accuracy_drop"]
+    drop, se = res["accuracy_drop"], res.get("accuracy_drop_se")
+    drop_txt = "-" if drop is None else f"{drop:.1f}" + ("" if se is None else f" ± {se:.1f}") + " points"
     lines.append(f"flops_reduction {res['flops_reduction']:.1%} (FastV {res['flops_reduction_fastv']:.1%}); "
                  f"prefill speedup {res['speedup']:.2f}x (FastV {res['speedup_fastv']:.2f}x); accuracy_drop "
-                 f"{'-' if drop is None else f'{drop:.1f} points'}")
+                 f"{drop_txt}")
     return "\n".join(lines)
 
 

@@ -14,11 +14,28 @@ from vision.decoder import PackedDecoder
 from vision.encoder3d import Encoder3DConfig, SpatialTokenizer
 from vision.gate3d import GatePolicy, LMShape, exact_match
 from vision.gate3d_flows import fit_policy
-from vision.gate3d_select import Row, SelectConfig, candidates, choose, flops_cut, main, stage_layers
+from vision.gate3d_select import (
+    Row,
+    SelectConfig,
+    candidates,
+    choose,
+    flops_cut,
+    main,
+    paired_se,
+    stage_layers,
+)
 from vision.model3d import PointLanguageModel
 
 SMOLLM2 = LMShape(d=576, layers=30, heads=9, kv_heads=3, head_dim=64, ffn=1536, vocab=49152)
 FIT = {"a": 0.9, "b": 0.093, "c": 0.012}  # the shape of the shipped model's curve
+
+
+def test_paired_standard_error():
+    """The uncertainty printed beside every accuracy difference: the paired standard error over the same questions
+    (two answers changed in opposite directions among four: sd sqrt(2/3), over sqrt(4), in points)."""
+    assert paired_se([1, 1, 0, 0], [1, 0, 0, 1]) == pytest.approx(100 * (2 / 3) ** 0.5 / 2)
+    assert paired_se([1, 0, 1], [1, 0, 1]) == 0.0  # the same answers: no uncertainty in the difference
+    assert np.isnan(paired_se([1], [0]))
 
 
 def test_candidates_meet_their_flops_targets():

@@ -178,6 +178,13 @@ def choose(rows: list[Row], min_cut: float, tolerance: float) -> tuple[Row, str]
 
 
 @torch.no_grad()
+def paired_se(base, other) -> float:
+    """The standard error, in points, of the mean accuracy difference ``other − base`` over the same questions
+    (0/1 correctness per question); NaN below two questions."""
+    d = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    return float(100.0 * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def evaluate(model, prompts: list, answers: list[str], policies: dict[str, GatePolicy | None],
              progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per policy: (n,) 0/1 correctness over the questions, and the mean prefill FLOPs of its prompts."""
@@ -234,10 +241,9 @@ def select(model, cfg: SelectConfig, fit: dict, data: Path | None = None, progre
     rows = []
     for c in cands:
         d = correct[c.name] - u
-        se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
         rows.append(Row(c.name, [list(s) for s in c.policy.stages], c.target,
                         float(1.0 - flops[c.name] / flops["ungated"]), float(flops[c.name] / 1e9),
-                        float(100.0 * correct[c.name].mean()), float(100.0 * d.mean()), 100.0 * se))
+                        float(100.0 * correct[c.name].mean()), float(100.0 * d.mean()), paired_se(u, correct[c.name])))
     chosen, why = choose(rows, cfg.min_cut, cfg.tolerance)
     return Selection(rows, float(100.0 * u.mean()), float(flops["ungated"] / 1e9), chosen, why, n,
                      {"data": str(folder), "split": "val", "max_prompt_tokens": T,

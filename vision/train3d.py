@@ -18,10 +18,12 @@ the surviving spatial tokens; validation then scores both ways and keeps the che
 ``python -m vision.train3d [--quick]`` runs both; ``--resume`` continues stage 2 from ``OUT/last.pt``, ``--init DIR``
 from exported weights (e.g. the shipped ``vision/weights3d``, to fine-tune it further).
 ``OUT/last.pt`` holds the trainable weights after each stage (``--skip-encoder`` reuses stage 1 from it),
-``OUT/log.jsonl`` the losses and validation accuracies, and ``OUT/weights/`` the exported files the model loads
-(``spatial.safetensors``, ``lora.safetensors``); ``--export DIR`` copies them (e.g. to vision/weights3d/ once
-held-out accuracy is clearly above the majority-answer baseline). Validation accuracy here is teacher-forced
-(every answer token is the argmax); ``python -m bench.gate3d`` measures generated answers on the test split.
+``OUT/log.jsonl`` the losses and validation accuracies, ``OUT/weights/`` the exported files the model loads
+(``spatial.safetensors``, ``lora.safetensors``) of the best validation step and ``OUT/weights-last/`` the last
+step's; ``--export DIR`` copies the best (e.g. to vision/weights3d/ once held-out accuracy is clearly above the
+majority-answer baseline). Validation accuracy here is teacher-forced (every answer token is the argmax) on 96
+questions, a noisy choice: compare ``weights/`` and ``weights-last/`` on generated answers before shipping
+(``python -m vision.gate3d select --weights DIR``; ``python -m bench.gate3d`` measures the test split).
 """
 
 from __future__ import annotations
@@ -427,6 +429,7 @@ def run(cfg: Train3DConfig, skip_encoder: bool = False, resume: bool = False, in
         if out_of_time:
             tqdm.write(f"stopping at step {step + 1}: the {cfg.max_minutes} min budget is spent")
             break
+    export(cfg.out / "weights-last", spatial, lm, cfg)  # 96 teacher-forced questions choose "best" noisily
     summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "encoder_s": round(t_enc, 1),
                "lm_s": round(time.time() - t_lm, 1), "lm_steps_done": step + 1, "best": best, "history": history,
                "majority_baseline_val": majority_baseline(train, val[:len(val_idx)])}
