@@ -70,9 +70,11 @@ def test_selection_rule():
     rows = [_row("fitted", 0.46, 64.0), _row("a60", 0.60, 63.0), _row("a65", 0.65, 62.5),
             _row("b65", 0.65, 63.5), _row("b70", 0.70, 60.0)]
     best, why = choose(rows, 0.6, 1.0)
-    assert best.name == "b65" and "largest" in why  # a65 ties on cut but is 1.5 points down; b70 is 4 down
+    assert best.name == "a60" and "smallest" in why  # b65 is eligible too, but cuts deeper than the target asks
     assert [r.eligible for r in rows] == [False, True, False, True, False] and [r.chosen for r in rows].count(True) == 1
-    assert choose([_row("x", 0.61, 63.0), _row("y", 0.6, 63.0)], 0.6, 1.0)[0].name == "x"  # exactly −1: allowed
+    # exactly −1 is allowed; a cut below the target is not a candidate however accurate; equal cuts: the more accurate
+    assert choose([_row("x", 0.59, 64.0), _row("y", 0.6, 63.0), _row("z", 0.7, 64.0)], 0.6, 1.0)[0].name == "y"
+    assert choose([_row("x", 0.62, 63.5), _row("y", 0.62, 64.0)], 0.6, 1.0)[0].name == "y"
     # nobody within a point: the most accurate among those cutting enough (not the fitted one, which cuts too little)
     best, why = choose([_row("fitted", 0.46, 64.0), _row("a", 0.6, 61.0), _row("b", 0.7, 62.0)], 0.6, 1.0)
     assert best.name == "b" and "most accurate" in why
