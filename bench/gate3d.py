@@ -89,7 +89,7 @@ def run_smollm2(args) -> dict:
     folder, pts, ex = scene_questions("test", args.examples or (8 if args.quick else 300), args.data)
     cache = dec.new_cache(1, 512)
     trained = bool(model.spatial.trained)
-    rows = {m: {"correct": 0, "flops": 0, "latency_s": 0.0} for m in pols}
+    rows = {m: {"flops": 0, "latency_s": 0.0} for m in pols}
     n_timed = min(len(ex), 4 if args.quick else 24)
     from tqdm import tqdm
 
@@ -105,12 +105,11 @@ def run_smollm2(args) -> dict:
             if i < n_timed:
                 rows[m]["latency_s"] += time_prefill(dec, cache, emb, spans, pol, args.repeats)
             ok = int(answer_correct(model, prompt, pol, cache, emb, e.answer))
-            rows[m]["correct"] += ok
             hits[m].append(ok)
             per_kind.setdefault(e.kind, {}).setdefault(m, []).append(ok)
     out = {}
     for m, r in rows.items():
-        out[m] = {"accuracy": (100.0 * r["correct"] / len(ex)) if trained else None,
+        out[m] = {"accuracy": (100.0 * sum(hits[m]) / len(ex)) if trained else None,
                   "prefill_gflops": r["flops"] / len(ex) / 1e9, "prefill_ms": 1e3 * r["latency_s"] / max(1, n_timed),
                   "policy": list(pols[m].stages) if pols[m] is not None else []}
     res = {"shape": "smollm2", "device": str(dec.embed_tokens.weight.device), "questions": len(ex),

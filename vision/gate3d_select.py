@@ -22,9 +22,9 @@ Rule (:func:`choose`): among candidates with cut ≥ ``min_cut`` and validation 
 (1 point), the smallest cut (ties: the more accurate); if none, the most accurate with cut ≥ ``min_cut``; if no
 candidate reaches ``min_cut``, the most accurate of all. Smallest, not largest: FLOPs are exact but accuracy is
 estimated (± 1.3 points at 900 questions, more than the tolerance), so the deepest cut that passes is the one whose
-accuracy was most likely overestimated. It happened: the largest rule chose a 65.7% cut at −0.3 ± 1.3 on
-validation, which measured −3.7 ± 2.3 on test; the 60.7% cut measured −0.7 on both. ``--write`` saves it with ``meta.selected_on = "val"``,
-the candidate table and N (and the curve, so a rerun builds the same candidates).
+accuracy was most likely overestimated (the largest rule once chose a 65.7% cut at −0.3 ± 1.3 on validation that
+measured −3.7 ± 2.3 on test; docs/gate3d.md). ``--write`` saves it with ``meta.selected_on = "val"``, the
+candidate table and N (and the curve, so a rerun builds the same candidates).
 
 ``python -m vision.gate3d select [--quick] [--examples N] [--min-cut 0.6] [--write] [--json PATH]``
 """
