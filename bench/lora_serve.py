@@ -117,6 +117,8 @@ def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> Pol
                                                         max_prefill_tokens=args.prefill_budget,
                                                         cuda_graphs="off" if variant else "auto"))
     service = VisionService(model, cfg)
+    if args.starvation_ms is not None:
+        service.orchestrator.cfg.starvation_ms = args.starvation_ms
     for a in adapters:
         service.adapters.add(a)
     service.start()
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-budget", type=int, default=512)
     p.add_argument("--policies", default="auto,unmerged,merged",
                    help="comma-separated; a ':eager' suffix runs steps without CUDA graphs")
+    p.add_argument("--starvation-ms", type=float, default=None,
+                   help="auto: how long a request of another adapter waits out a lane (default: the orchestrator's)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

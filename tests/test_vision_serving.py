@@ -18,7 +18,7 @@ from tests.vision_fixtures import (
 )
 from vision.adapters import AdapterError
 from vision.decoder import PackedDecoder, PackedStep, Segment
-from vision.model import VisionLanguageModel
+from vision.model import Prompt, VisionLanguageModel
 from vision.orchestrator import Mode, Plan
 from vision.scheduler import GenRequest, SamplingParams, SchedulerConfig
 from vision.service import VisionService, VisionServiceConfig
@@ -115,8 +115,10 @@ def test_policy_picks_the_cheapest_mode_under_the_measured_costs(world):
     assert orch.decide([a] * 10, remaining={a: 500}) == Plan(Mode.MERGED, a)
 
 
-def _generate(service: VisionService, requests: list[tuple[str | None, list[int]]], max_tokens: int = 6):
-    """Run requests concurrently through the scheduler thread; returns generated ids per request."""
+def _generate(service: VisionService, requests: list[tuple[str | None, list[int]]], max_tokens: int = 6,
+              queue_first: bool = False):
+    """Run requests concurrently through the scheduler thread; returns generated ids per request.
+    ``queue_first``: all requests wait in the queue before the thread starts (its first admission sees them all)."""
     done = threading.Event()
     results: dict[int, list[str]] = {i: [] for i in range(len(requests))}
     finished: list[int] = []
@@ -130,7 +132,8 @@ def _generate(service: VisionService, requests: list[tuple[str | None, list[int]
                     done.set()
         return emit
 
-    service.scheduler.start()
+    if not queue_first:
+        service.scheduler.start()
     gens = []
     try:
         for i, (name, ids) in enumerate(requests):
@@ -139,6 +142,8 @@ def _generate(service: VisionService, requests: list[tuple[str | None, list[int]
             req = GenRequest(f"r{i}", name, prompt, SamplingParams(max_tokens=max_tokens, stop=()), emitter(i))
             gens.append(req)
             service.scheduler.submit(req)
+        if queue_first:
+            service.scheduler.start()
         assert done.wait(60), "requests did not finish"
     finally:
         service.scheduler.stop()
@@ -257,25 +262,82 @@ def test_modes_match_peft_on_cuda_with_the_triton_operator(world, policy):
         torch.testing.assert_close(logits[row].cpu(), ref_last_logits(ref, name, PROMPTS[name]), atol=2e-3, rtol=1e-3)
 
 
-def test_credits_admit_the_merged_adapter_first_until_another_starves(world):
+def _queue(sched, specs: list[tuple[str, str, float]]) -> None:
+    """Put requests (id, adapter, seconds ago) in the scheduler's queue, in that (arrival) order."""
     import time as _time
 
-    service = make_service(world, max_running=1)
-    sched, orch = service.scheduler, service.orchestrator
-    slot_a = service.adapters.acquire("ad-a")
-    service.adapters.acquire("ad-b")
-    prompt = service.model.build_prompt([{"role": "user", "content": "x"}], [])
     now = _time.monotonic()
-    old_b = GenRequest("b", "ad-b", prompt, SamplingParams(), lambda ev: None, arrived=now - 0.5)
-    new_a = GenRequest("a", "ad-a", prompt, SamplingParams(), lambda ev: None, arrived=now)
-    sched._waiting.extend([old_b, new_a])
-    assert [r.id for r in sched._admission_order()] == ["b", "a"]  # nothing merged: arrival order
-    orch.current = Plan(Mode.MERGED, slot_a)
-    assert [r.id for r in sched._admission_order()] == ["a", "b"]  # the merged adapter's request first
-    orch.cfg.starvation_ms = 100.0  # b has waited 500 ms: it is starving and goes first again
-    assert [r.id for r in sched._admission_order()] == ["b", "a"]
+    for rid, adapter, ago in specs:
+        prompt = Prompt([[1, 2, 3]], [], 0)
+        sched._waiting.append(GenRequest(rid, adapter, prompt, SamplingParams(), lambda ev: None, arrived=now - ago))
+
+
+def _ids(requests) -> list[str]:
+    return [r.id for r in requests]
+
+
+def test_auto_runs_adapter_lanes_until_another_adapter_starves(world):
+    service = make_service(world, max_running=4)
+    sched, orch = service.scheduler, service.orchestrator
+    _queue(sched, [("b1", "ad-b", 0.5), ("a1", "ad-a", 0.4), ("a2", "ad-a", 0.3)])
+    sched._admit()  # a lane for the adapter with most waiting requests, not for the oldest request
+    assert _ids(sched._running) == ["a1", "a2"] and _ids(sched._waiting) == ["b1"]
+    _queue(sched, [("a3", "ad-a", 0.0)])
+    sched._admit()  # the lane goes on admitting its own adapter; b1 waits, not yet starving
+    assert _ids(sched._running) == ["a1", "a2", "a3"] and _ids(sched._waiting) == ["b1"]
+    orch.cfg.starvation_ms = 100.0  # b1 has waited 500 ms: the lane admits no one more and drains
+    _queue(sched, [("a4", "ad-a", 0.0)])
     sched._admit()
-    assert [r.id for r in sched._running] == ["b"] and [r.id for r in sched._waiting] == ["a"]
+    assert _ids(sched._running) == ["a1", "a2", "a3"] and _ids(sched._waiting) == ["b1", "a4"]
+    for r in list(sched._running):
+        sched._finish(r, None)
+    sched._admit()  # drained: the starving request's adapter has the next lane
+    assert _ids(sched._running) == ["b1"] and _ids(sched._waiting) == ["a4"]
+    assert all(service.adapters._refs[n] == (1 if n == "ad-b" else 0) for n in service.adapters._refs)
+
+
+def test_a_starving_request_joins_a_lane_that_would_drain_slowly(world):
+    service = make_service(world, max_running=4)
+    sched, orch = service.scheduler, service.orchestrator
+    _queue(sched, [("a1", "ad-a", 0.0)])
+    sched._admit()
+    sched._running[0].params.max_tokens = 1000  # a long answer
+    orch.cfg.starvation_ms = 100.0
+    _queue(sched, [("b1", "ad-b", 0.5)])
+    sched.decode_step_ms = 0.01  # drains in 10 ms: b1 waits it out
+    sched._admit()
+    assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]
+    sched.decode_step_ms = 10.0  # drains in 10 s, longer than b1's bound: b1 joins now, the steps mix
+    sched._admit()
+    assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
+
+
+def test_the_merged_baseline_runs_lanes_in_arrival_order(world):
+    service = make_service(world, policy="merged", max_running=4)
+    sched = service.scheduler
+    _queue(sched, [("b1", "ad-b", 0.5), ("a1", "ad-a", 0.4), ("a2", "ad-a", 0.3), ("b2", "ad-b", 0.2)])
+    sched._admit()  # the oldest request's adapter, whatever waits behind it; no starvation bound
+    assert _ids(sched._running) == ["b1", "b2"] and _ids(sched._waiting) == ["a1", "a2"]
+
+
+@pytest.mark.parametrize("policy", ["auto", "merged"])
+def test_lanes_keep_every_step_merged(world, policy):
+    """Requests of three adapters and the base model at once: lanes make every step single-adapter, so
+    the orchestrator never needs a LoRA term, and the answers still equal peft's."""
+    _, _, _, ref = world
+    service = make_service(world, policy=policy, max_running=8)
+    orch = service.orchestrator
+    orch.calibrated, orch.merge_ms, orch.merge_ms_per_rank = True, 0.0, 0.0  # free merges: a lane always merges
+    requests = [("ad-b", PROMPTS["ad-b"]), ("ad-a", PROMPTS["ad-a"]), (None, PROMPTS[None]),
+                ("ad-b", PROMPTS["ad-c"]), ("ad-c", PROMPTS["ad-c"]), ("ad-a", PROMPTS["ad-b"])]
+    gens, results = _generate(service, requests, queue_first=True)
+    for req, (name, ids) in zip(gens, requests, strict=True):
+        assert results[int(req.id[1:])][-1].kind == "done"
+        assert req.out_ids == ref_greedy(ref, name, ids, len(req.out_ids)), (name, policy)
+    steps = orch.mode_steps
+    assert steps["merged"] > 0 and steps["mixture"] == 0, dict(steps)
+    # unmerged steps are the base model's lane only (no adapter, nothing to merge)
+    assert steps["unmerged"] <= sum(len(g.out_ids) for g in gens if g.adapter is None), dict(steps)
 
 
 def test_adapter_dir_loads_good_adapters_and_skips_bad_ones(world, tmp_path):

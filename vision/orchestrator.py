@@ -4,15 +4,26 @@
 * **unmerged**: base product + one ATMM call for every adapter in the batch.
 * **mixture** (k merged): requests of k run free; the others add ``x(B_iA_i − B_kA_k)`` (two ATMM calls).
 
-Policy (after VaLoRA §4, with costs measured instead of assumed). The LoRA work of a step is priced as
-``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term measured
-on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a GPU one Triton launch covers every adapter, so the call
-dominates and a second call (mixture's subtract term) costs as much as it saves; on a CPU every adapter
-segment is its own pair of matrix products. Per step the cheapest of unmerged, mixture(k) and merged(k)
-is run, k the adapter with most tokens, a new merge charged its measured cost spread over the steps k's
-running requests may still take. Credits decide admission (Scheduler): when the KV-cache slots are full,
-requests of the merged adapter go first, unless a request of another adapter has waited past
-``starvation_ms``; then everyone is admitted in arrival order again and the batch mixes.
+Policy (after VaLoRA §4, with costs measured instead of assumed), in two parts:
+
+* **Admission, the credits** (``Scheduler._lane``): requests run in adapter lanes. A lane admits only its
+  adapter's requests, so its steps run merged, with no LoRA work. A request of another adapter waits; its
+  credit is its waiting time. Once one has waited ``starvation_ms`` the lane admits no one more and
+  drains, and the next lane is the starving request's adapter (if draining would take longer than
+  ``starvation_ms``, the starving request joins the lane at once instead); otherwise the next lane is
+  the adapter with most requests waiting (one merge serves the most). Mixing other adapters' requests
+  into a lane by a cost rule was measured slower on the CPU (each joiner made the whole step pay LoRA
+  terms), so it is not done (docs/vision.md).
+* **Per step, the mode**: the LoRA work of a step is priced as
+  ``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term
+  measured on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a
+  GPU one Triton launch covers every adapter, so the call dominates and a second call (mixture's
+  subtract term) costs as much as it saves; on a CPU every adapter segment is its own pair of matrix
+  products. Per step the cheapest of unmerged, mixture(k) and merged(k) is run, k the adapter with most
+  tokens, a new merge charged its measured cost spread over the steps k's running requests may still
+  take (a lane too short to repay its merge runs unmerged). Under "auto" a lane's batch mostly holds
+  one adapter, so the choice is mostly merged or unmerged; mixed batches come from starving requests
+  that join a slow lane, and from the "unmerged" and "mixture" policies, which admit in arrival order.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ POLICIES = ("auto", "unmerged", "merged", "mixture")
 @dataclass
 class OrchestratorConfig:
     policy: str = "auto"  # "auto", or force one mode ("merged" serves one adapter per step: see Scheduler)
-    starvation_ms: float = 2000.0  # past this wait, a request of another adapter is admitted in order
+    starvation_ms: float = 2000.0  # auto: past this wait, a request of another adapter ends the running lane
     horizon_steps: int = 32  # steps a merge is expected to last when the requests' lengths are unknown
     ema: float = 0.2
 

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +118,8 @@ class Scheduler:
         self.steps = self.tokens_generated = self.failures = 0
         self.last_batch = 0
         self.mode_last = "unmerged"
+        self._lane_adapter: str | None = None  # see _lane
+        self.decode_step_ms = 0.0  # moving average of a decode-only step's wall time (how fast a lane drains)
         self.finished: dict[str, int] = {}  # requests ended, by finish reason / error code / "cancelled"
 
     def _step_graphs(self) -> StepGraphs | None:
@@ -175,6 +177,8 @@ class Scheduler:
                    "step_failures": self.failures}
         if self.orchestrator is not None:
             out["orchestrator"] = self.orchestrator.stats()
+            if self.orchestrator.cfg.policy == "auto":
+                out["lane"] = self._lane_adapter  # the adapter being admitted (None: the base model)
         if self.graphs is not None:
             out["cuda_graphs"] = self.graphs.stats()
         return out
@@ -283,22 +287,21 @@ class Scheduler:
         self._waiting = deque(r for r in self._waiting if not r.cancelled)
 
     def _admit(self) -> None:
-        """Move waiting requests in while a cache slot and their adapter's device slot are free."""
-        merged_only = self.orchestrator is not None and self.orchestrator.cfg.policy == "merged"
-        keep: deque[GenRequest] = deque()
-        lane = self._running[0].adapter if (merged_only and self._running) else None
-        order = self._admission_order()
-        while order:
-            r = order.popleft()
-            if not self._free_slots:
+        """Move waiting requests in while a cache slot and their adapter's device slot are free.
+
+        Under the "merged" and "auto" policies requests run in adapter lanes (:meth:`_lane`): only the
+        lane's adapter is admitted, so its steps can run merged, with no LoRA work."""
+        orch = self.orchestrator
+        lanes = orch is not None and orch.cfg.policy in ("merged", "auto")
+        lane = self._lane() if lanes else None
+        limit = -math.inf  # requests that arrived before this join the running lane, mixed
+        if lanes and orch.cfg.policy == "auto" and self._drain_ms() > orch.cfg.starvation_ms:
+            limit = time.monotonic() - orch.cfg.starvation_ms / 1e3
+        keep: list[GenRequest] = []
+        for r in self._waiting:
+            if not self._free_slots or (lanes and r.adapter != lane and r.arrived > limit):
                 keep.append(r)
                 continue
-            if merged_only:  # the always-merged baseline serves one adapter at a time
-                if self._running or lane is not None:
-                    if r.adapter != lane:
-                        keep.append(r)
-                        continue
-                lane = r.adapter
             if r.adapter is not None:
                 try:
                     slot = self.adapters.acquire(r.adapter)
@@ -315,23 +318,45 @@ class Scheduler:
                 mma.assign(r.cache_slot, IMAGE if r.prompt.images else TEXT)
             # a LoRA adapter's request keeps the slot unassigned: the plain model its adapter was trained on
             self._running.append(r)
-        self._waiting = deque(sorted(keep, key=lambda q: q.arrived))
+        self._waiting = deque(keep)
 
-    def _admission_order(self) -> deque[GenRequest]:
-        """VaLoRA's credits: with more waiting than free slots, requests of the merged adapter go first,
-        except those of others that have waited past ``starvation_ms`` (they go before everyone)."""
-        orch = self.orchestrator
-        if (orch is None or orch.cfg.policy != "auto" or orch.current.slot < 0
-                or len(self._waiting) <= len(self._free_slots)):
-            return deque(self._waiting)
-        merged = next((n for n, s in self.adapters.resident().items() if s == orch.current.slot), None)
-        now, limit = time.monotonic(), orch.cfg.starvation_ms / 1e3
-        starving = [r for r in self._waiting if now - r.arrived >= limit]
-        fresh = [r for r in self._waiting if now - r.arrived < limit]
-        return deque(starving + [r for r in fresh if r.adapter == merged] + [r for r in fresh if r.adapter != merged])
+    def _drain_ms(self) -> float:
+        """How long the running requests may still take: the most answer tokens any has left, at the
+        measured time of a decode-only step (a draining lane admits no new prompt). A lane that would drain slower than ``starvation_ms`` lets starving requests
+        join it (mixed steps) rather than wait out, say, a long answer."""
+        left = max((r.params.max_tokens - len(r.out_ids) for r in self._running), default=0)
+        return left * self.decode_step_ms
+
+    def _lane(self) -> str | None:
+        """The adapter whose requests are admitted now (None = the base model's); "" = none (a lane draining).
+
+        "merged" (the fixed baseline): the running requests' adapter, else the oldest waiting request's.
+        "auto" (VaLoRA's credits): a lane admits its adapter's requests until a request of another adapter
+        has waited ``starvation_ms``; then it admits no one more and drains (or the starving request joins
+        it at once, if draining would take longer than ``starvation_ms``: :meth:`_drain_ms`). The next lane
+        goes to the adapter of the oldest starving request, else stays with the last one if it has requests
+        waiting, else goes to the adapter with most waiting requests (one merge then serves the most; ties
+        to the oldest)."""
+        running = [r.adapter for r in self._running]
+        if self.orchestrator.cfg.policy == "merged":
+            return running[0] if running else (self._waiting[0].adapter if self._waiting else None)
+        lane = self._lane_adapter
+        limit = time.monotonic() - self.orchestrator.cfg.starvation_ms / 1e3
+        starving = [r for r in self._waiting if r.arrived <= limit and r.adapter != lane]
+        waiting = [r.adapter for r in self._waiting]
+        if running:  # all of the lane's adapter: a lane changes only when nothing runs
+            return "" if starving else lane
+        if starving:
+            lane = starving[0].adapter
+        elif lane not in waiting:
+            # insertion order is arrival order, so ties go to the oldest; no one waiting: the base model's lane
+            lane = Counter(waiting).most_common(1)[0][0] if waiting else None
+        self._lane_adapter = lane
+        return lane
 
     @torch.inference_mode()
     def _step(self, batch: list[GenRequest], waiting: list[tuple[str | None, float]]) -> None:
+        t0 = time.perf_counter()
         model, dev = self.model, self.model.device
         segments, chunks, token_slots, owners = [], [], [], []
         budget = self.cfg.max_prefill_tokens
@@ -398,7 +423,10 @@ class Scheduler:
                 slots_t = torch.tensor(token_slots, dtype=torch.long, device=dev)
                 (self.orchestrator.set_batch if prepared else self.orchestrator.apply)(plan, slots_t)
             logits = model.decoder(embeds, step, self.cache)  # (n_segments, vocab)
-        nxt = self._sample(logits, owners)
+        nxt = self._sample(logits, owners)  # reads the logits back: the step has finished on the device
+        if len(dec_idx) == len(owners):
+            ms = (time.perf_counter() - t0) * 1e3
+            self.decode_step_ms = ms if self.decode_step_ms == 0 else 0.8 * self.decode_step_ms + 0.2 * ms
         self.steps += 1
         self.last_batch = len(owners)
         if self.orchestrator is not None:
