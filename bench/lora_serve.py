@@ -1,10 +1,11 @@
 """Orchestrated multi-LoRA serving on a skewed trace: auto vs always-unmerged vs always-merged, one run.
 
 The same trace — Poisson arrivals, adapters drawn Zipf-skewed (a few adapters hold most requests, as
-in VaLoRA's traces), mixed ranks, fixed answer lengths (``ignore_eos``) — is replayed against the real
-scheduler and orchestrator under three policies:
+in VaLoRA's traces), mixed ranks, fixed answer lengths (``ignore_eos``; ``--long-share`` makes a share
+of them ``--long-tokens`` long) — is replayed against the real scheduler and orchestrator under three
+policies:
 
-* ``auto``: VaLoRA's credit-based switching between merged, mixture and unmerged modes;
+* ``auto``: VaLoRA's credits (adapter lanes, bounded waiting) and per-step merged / mixture / unmerged;
 * ``unmerged``: every step runs base + ATMM for all adapters (S-LoRA / Punica style);
 * ``merged``: one adapter merged at a time, other adapters' requests wait and the merge is swapped
   (dLoRA's merged mode without its unmerged fallback).
@@ -91,15 +92,20 @@ def build(shape: str, layers: int, n_adapters: int, max_rank: int, device: str, 
     return lm, adapters
 
 
-def make_trace(n: int, n_adapters: int, rate: float, zipf: float, prompt_len: int, seed: int):
+def make_trace(n: int, n_adapters: int, rate: float, zipf: float, prompt_len: int, seed: int, max_tokens: int,
+               long_share: float = 0.0, long_tokens: int = 0):
+    """(arrival s, adapter, prompt ids, answer tokens) per request; a ``long_share`` of the answers are
+    ``long_tokens`` long (drawn after everything else, so the rest of the trace does not change)."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, n)
     arrivals = np.cumsum(gaps) - gaps[0]
     weights = 1.0 / np.arange(1, n_adapters + 1) ** zipf
     names = rng.choice(n_adapters, n, p=weights / weights.sum())
     lens = rng.integers(prompt_len // 2, prompt_len + 1, n)
-    return [(float(t), f"lora-{a}", [int(x) for x in rng.integers(10, 4000, int(L))])
-            for t, a, L in zip(arrivals, names, lens, strict=True)]
+    prompts = [[int(x) for x in rng.integers(10, 4000, int(L))] for L in lens]
+    long = rng.random(n) < long_share
+    return [(float(t), f"lora-{a}", ids, long_tokens if is_long else max_tokens)
+            for t, a, ids, is_long in zip(arrivals, names, prompts, long, strict=True)]
 
 
 def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> PolicyResult:
@@ -138,7 +144,7 @@ def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> Pol
     ms = np.array(list(lat.values())) * 1e3
     ttft = np.array(list(first.values())) * 1e3
     return PolicyResult(policy, float(ms.mean()), float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-                        float(ttft.mean()), len(trace) * args.max_tokens / elapsed, sched.steps - steps0,
+                        float(ttft.mean()), sum(q[3] for q in trace) / elapsed, sched.steps - steps0,
                         orch.switches - switches0, ",".join(f"{k}:{v}" for k, v in sorted(modes.items())),
                         len(graphs.graphs) if graphs is not None else 0,
                         graphs.steps - graph_steps0 if graphs is not None else 0)
@@ -169,13 +175,13 @@ def replay(service, trace, args) -> tuple[dict[int, float], dict[int, float], fl
         return emit
 
     t0 = time.perf_counter()
-    for i, (t, name, ids) in enumerate(trace):
+    for i, (t, name, ids, answer) in enumerate(trace):
         wait = t0 + t - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
         arrive = time.perf_counter()
         prompt = Prompt([ids], [], 0)
-        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        params = SamplingParams(max_tokens=answer, ignore_eos=True)
         service.scheduler.submit(GenRequest(f"r{i}", name, prompt, params, emitter(i, arrive)))
     finished.wait(args.timeout)
     return lat, first, max(done_at.values(), default=time.perf_counter()) - t0
@@ -204,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zipf", type=float, default=1.5, help="adapter popularity skew")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--long-share", type=float, default=0.0, help="share of requests with a long answer")
+    p.add_argument("--long-tokens", type=int, default=256, help="a long answer's tokens")
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--prefill-budget", type=int, default=512)
     p.add_argument("--policies", default="auto,unmerged,merged",
@@ -224,14 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     depth = args.layers or SHAPES[args.shape][4]
     print(f"lora-serve on {name}: {args.shape} x{depth} layers, {args.adapters} adapters (zipf {args.zipf}), "
-          f"{args.requests} requests per rate, {args.max_tokens} tokens each", flush=True)
+          f"{args.requests} requests per rate, {args.max_tokens} tokens each"
+          + (f" ({args.long_share:.0%} of them {args.long_tokens})" if args.long_share else ""), flush=True)
     # Triton compiles a kernel per tile config on first use (seconds each) and each step shape's graph is
     # captured on first use: every policy replays part of a trace untimed first, so none pays for that
-    warm = make_trace(max(8, args.requests // 4), args.adapters, rates[-1], args.zipf, args.prompt_len, args.seed + 1)
+    warm = make_trace(max(8, args.requests // 4), args.adapters, rates[-1], args.zipf, args.prompt_len, args.seed + 1,
+                      args.max_tokens)
     out: dict[str, dict] = {}
     reductions: dict[str, float] = {}
     for rate in rates:
-        trace = make_trace(args.requests, args.adapters, rate, args.zipf, args.prompt_len, args.seed)
+        trace = make_trace(args.requests, args.adapters, rate, args.zipf, args.prompt_len, args.seed, args.max_tokens,
+                           args.long_share, args.long_tokens)
         print(f"\n{rate:g} requests/s\n{HEADER}", flush=True)
         results = []
         for policy in args.policies.split(","):
@@ -255,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "device": name, "shape": args.shape, "layers": depth, "adapters": args.adapters,
             "requests": args.requests, "zipf": args.zipf, "max_tokens": args.max_tokens,
+            "long_share": args.long_share, "long_tokens": args.long_tokens,
             "rates": out, "latency_reduction": reductions,
         }, indent=2))
     return 0

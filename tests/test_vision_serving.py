@@ -299,17 +299,41 @@ def test_auto_runs_adapter_lanes_until_another_adapter_starves(world):
 def test_a_starving_request_joins_a_lane_that_would_drain_slowly(world):
     service = make_service(world, max_running=4)
     sched, orch = service.scheduler, service.orchestrator
+    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.0, 0.0  # a mixed step costs 1 ms more
     _queue(sched, [("a1", "ad-a", 0.0)])
     sched._admit()
     sched._running[0].params.max_tokens = 1000  # a long answer
     orch.cfg.starvation_ms = 100.0
     _queue(sched, [("b1", "ad-b", 0.5)])
+    sched._waiting[0].params.max_tokens = 1000  # as long: joining would not pay by itself (see below)
     sched.decode_step_ms = 0.01  # drains in 10 ms: b1 waits it out
     sched._admit()
     assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]
     sched.decode_step_ms = 10.0  # drains in 10 s, longer than b1's bound: b1 joins now, the steps mix
+    assert not sched._joining_pays(sched._waiting[0])
     sched._admit()
     assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
+
+
+def test_a_short_request_joins_a_lane_behind_a_long_answer(world):
+    service = make_service(world, max_running=4)
+    sched, orch = service.scheduler, service.orchestrator
+    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.0, 0.0  # a mixed step costs 1 ms more
+    sched.decode_step_ms = 10.0
+    _queue(sched, [("a1", "ad-a", 0.0)])
+    sched._admit()
+    sched._running[0].params.max_tokens = 16  # the lane drains in 160 ms
+    _queue(sched, [("b1", "ad-b", 0.0)])
+    sched._waiting[0].params.max_tokens = 16  # its own answer: 16 x (10 + 2 x 1) = 192 ms
+    sched._admit()
+    assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]  # an answer like its own: wait
+    sched._running[0].params.max_tokens = 100  # now the lane drains in 1 s, more than b1 would take
+    sched._admit()
+    assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
+    _queue(sched, [("a2", "ad-a", 0.0), ("c1", "ad-c", 0.0)])
+    sched._waiting[1].params.max_tokens = 60  # with a2 in, 60 x (10 + 4 x 1) = 840 ms < 1 s: joins too
+    sched._admit()
+    assert _ids(sched._running) == ["a1", "b1", "a2", "c1"]
 
 
 def test_the_merged_baseline_runs_lanes_in_arrival_order(world):

@@ -11,9 +11,10 @@ Policy (after VaLoRA §4, with costs measured instead of assumed), in two parts:
   credit is its waiting time. Once one has waited ``starvation_ms`` the lane admits no one more and
   drains, and the next lane is the starving request's adapter (if draining would take longer than
   ``starvation_ms``, the starving request joins the lane at once instead); otherwise the next lane is
-  the adapter with most requests waiting (one merge serves the most). Mixing other adapters' requests
-  into a lane by a cost rule was measured slower on the CPU (each joiner made the whole step pay LoRA
-  terms), so it is not done (docs/vision.md).
+  the adapter with most requests waiting (one merge serves the most). A request of another adapter
+  joins a running lane at once only when the lane would take longer to drain than its own answer plus
+  the LoRA time its joining adds (``Scheduler._joining_pays``, priced with :meth:`Orchestrator.join_cost`):
+  a short request behind a long answer joins; requests of similar length keep lanes whole.
 * **Per step, the mode**: the LoRA work of a step is priced as
   ``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term
   measured on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a
@@ -21,9 +22,9 @@ Policy (after VaLoRA §4, with costs measured instead of assumed), in two parts:
   subtract term) costs as much as it saves; on a CPU every adapter segment is its own pair of matrix
   products. Per step the cheapest of unmerged, mixture(k) and merged(k) is run, k the adapter with most
   tokens, a new merge charged its measured cost spread over the steps k's running requests may still
-  take (a lane too short to repay its merge runs unmerged). Under "auto" a lane's batch mostly holds
-  one adapter, so the choice is mostly merged or unmerged; mixed batches come from starving requests
-  that join a slow lane, and from the "unmerged" and "mixture" policies, which admit in arrival order.
+  take (a lane too short to repay its merge runs unmerged). Under "auto" mixed batches come from
+  requests that join a lane; under the "unmerged" and "mixture" policies, which admit in arrival order,
+  from any trace with several adapters.
 """
 
 from __future__ import annotations
@@ -228,6 +229,11 @@ class Orchestrator:
         self.merge_ms_per_rank = max(high - low, 0.0) / max(r_max - 1, 1)
         self.merge_ms = max(low - self.merge_ms_per_rank, 0.0)
         self.calibrated = True
+
+    def join_cost(self, running: int) -> float:
+        """Modelled ms a step of ``running`` tokens of one merged adapter gains when one token of another
+        adapter joins it: mixture's add and subtract terms for that token, or unmerging the step."""
+        return min(2 * self.atmm_cost(1, 1), self.atmm_cost(running + 1, 2))
 
     def merge_cost(self, slot: int) -> float:
         if not self.calibrated:

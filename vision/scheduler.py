@@ -290,16 +290,20 @@ class Scheduler:
         """Move waiting requests in while a cache slot and their adapter's device slot are free.
 
         Under the "merged" and "auto" policies requests run in adapter lanes (:meth:`_lane`): only the
-        lane's adapter is admitted, so its steps can run merged, with no LoRA work."""
+        lane's adapter is admitted, so its steps can run merged, with no LoRA work. Under "auto" a request
+        of another adapter joins when waiting for the lane would cost more (:meth:`_joining_pays`), or when
+        it starves behind a lane that drains slowly."""
         orch = self.orchestrator
         lanes = orch is not None and orch.cfg.policy in ("merged", "auto")
         lane = self._lane() if lanes else None
+        auto = lanes and orch.cfg.policy == "auto"
         limit = -math.inf  # requests that arrived before this join the running lane, mixed
-        if lanes and orch.cfg.policy == "auto" and self._drain_ms() > orch.cfg.starvation_ms:
+        if auto and self._drain_ms() > orch.cfg.starvation_ms:
             limit = time.monotonic() - orch.cfg.starvation_ms / 1e3
         keep: list[GenRequest] = []
         for r in self._waiting:
-            if not self._free_slots or (lanes and r.adapter != lane and r.arrived > limit):
+            if not self._free_slots or (lanes and r.adapter != lane and r.arrived > limit
+                                        and not (auto and lane != "" and self._joining_pays(r))):
                 keep.append(r)
                 continue
             if r.adapter is not None:
@@ -327,6 +331,20 @@ class Scheduler:
         left = max((r.params.max_tokens - len(r.out_ids) for r in self._running), default=0)
         return left * self.decode_step_ms
 
+    def _joining_pays(self, r: GenRequest) -> bool:
+        """Whether a request of another adapter joins the running lane now rather than wait for it to drain.
+
+        It joins when the lane would take longer to drain (:meth:`_drain_ms`) than its own answer would
+        take in the mixed batch plus the LoRA time it adds to every other request there: its answer tokens
+        times (a decode step + (running + 1) × ``Orchestrator.join_cost``). Counting its own answer on the
+        cost side is a margin over the plain trade (drain against the added LoRA time alone), which mixed
+        far too often when measured: a joiner keeps steps mixed for its whole answer, the lane's later
+        requests pay too, and it gives up a lane where its adapter's requests would batch. So requests of
+        similar length keep lanes whole, and a short request does not wait behind a long answer."""
+        n = len(self._running)
+        own = r.params.max_tokens * (self.decode_step_ms + (n + 1) * self.orchestrator.join_cost(n))
+        return n > 0 and self._drain_ms() > own
+
     def _lane(self) -> str | None:
         """The adapter whose requests are admitted now (None = the base model's); "" = none (a lane draining).
 
@@ -344,9 +362,12 @@ class Scheduler:
         limit = time.monotonic() - self.orchestrator.cfg.starvation_ms / 1e3
         starving = [r for r in self._waiting if r.arrived <= limit and r.adapter != lane]
         waiting = [r.adapter for r in self._waiting]
-        if running:  # all of the lane's adapter: a lane changes only when nothing runs
-            return "" if starving else lane
-        if starving:
+        if running:
+            if starving:
+                return ""
+            if lane not in running and lane not in waiting:  # the lane ended; requests that joined it run on
+                lane = Counter(running).most_common(1)[0][0]
+        elif starving:
             lane = starving[0].adapter
         elif lane not in waiting:
             # insertion order is arrival order, so ties go to the oldest; no one waiting: the base model's lane
@@ -424,7 +445,7 @@ class Scheduler:
                 (self.orchestrator.set_batch if prepared else self.orchestrator.apply)(plan, slots_t)
             logits = model.decoder(embeds, step, self.cache)  # (n_segments, vocab)
         nxt = self._sample(logits, owners)  # reads the logits back: the step has finished on the device
-        if len(dec_idx) == len(owners):
+        if len(dec_idx) == len(owners) and (plan is None or plan.mode == Mode.MERGED):
             ms = (time.perf_counter() - t0) * 1e3
             self.decode_step_ms = ms if self.decode_step_ms == 0 else 0.8 * self.decode_step_ms + 0.2 * ms
         self.steps += 1
