@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the project, in one run on a lent CUDA machine (its own python3 with torch + triton,
 # not our .venv). Usage: scripts/gpu_check.sh [SECTION ...], sections: tests profile lora-op voice-step
-# gate3d lora-serving (default: all, in that order). Results go to $OUT (or ./gpu-out).
+# gate3d lora-serving (default: all, in that order). Results go to $OUT (or ./gpu-out). lora-serving reads
+# POLICIES, LONG_SHARE and LONG_TOKENS (a share of long answers) and SERVING_TIMEOUT from the environment.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
@@ -20,6 +21,7 @@ for s in $SECTIONS; do
               --plot "$OUT/gate3d_7b.png" 2>&1 | grep -v Warn | tail -14 ;;
     lora-serving) timeout "${SERVING_TIMEOUT:-330}" python3 -m bench lora-serving --device cuda --requests 160 --rates 16,4 \
                     --max-tokens 32 --max-running 64 --policies "${POLICIES:-auto,unmerged,merged,unmerged:eager}" \
+                    --long-share "${LONG_SHARE:-0}" --long-tokens "${LONG_TOKENS:-256}" \
                     --json "$OUT/lora_serving.json" 2>&1 | grep -v Warn | tail -16 ;;
     *) echo "unknown section $s" ;;
   esac
