@@ -310,7 +310,7 @@ def test_a_starving_request_joins_a_lane_that_would_drain_slowly(world):
     sched._admit()
     assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]
     sched.decode_step_ms = 10.0  # drains in 10 s, longer than b1's bound: b1 joins now, the steps mix
-    assert not sched._joining_pays(sched._waiting[0])
+    assert not sched._joining_pays(sched._waiting[0], sched._drain_ms())
     sched._admit()
     assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
 

@@ -119,7 +119,7 @@ class Scheduler:
         self.last_batch = 0
         self.mode_last = "unmerged"
         self._lane_adapter: str | None = None  # see _lane
-        self.decode_step_ms = 0.0  # moving average of a decode-only step's wall time (how fast a lane drains)
+        self.decode_step_ms = 0.0  # moving average of a merged decode-only step's wall time (how fast a lane drains)
         self.finished: dict[str, int] = {}  # requests ended, by finish reason / error code / "cancelled"
 
     def _step_graphs(self) -> StepGraphs | None:
@@ -297,13 +297,14 @@ class Scheduler:
         lanes = orch is not None and orch.cfg.policy in ("merged", "auto")
         lane = self._lane() if lanes else None
         auto = lanes and orch.cfg.policy == "auto"
+        drain = self._drain_ms() if auto else 0.0  # once per admission, raised as requests join below
         limit = -math.inf  # requests that arrived before this join the running lane, mixed
-        if auto and self._drain_ms() > orch.cfg.starvation_ms:
+        if auto and drain > orch.cfg.starvation_ms:
             limit = time.monotonic() - orch.cfg.starvation_ms / 1e3
         keep: list[GenRequest] = []
         for r in self._waiting:
             if not self._free_slots or (lanes and r.adapter != lane and r.arrived > limit
-                                        and not (auto and lane != "" and self._joining_pays(r))):
+                                        and not (auto and lane != "" and self._joining_pays(r, drain))):
                 keep.append(r)
                 continue
             if r.adapter is not None:
@@ -322,28 +323,30 @@ class Scheduler:
                 mma.assign(r.cache_slot, IMAGE if r.prompt.images else TEXT)
             # a LoRA adapter's request keeps the slot unassigned: the plain model its adapter was trained on
             self._running.append(r)
+            drain = max(drain, r.params.max_tokens * self.decode_step_ms)
         self._waiting = deque(keep)
 
     def _drain_ms(self) -> float:
         """How long the running requests may still take: the most answer tokens any has left, at the
-        measured time of a decode-only step (a draining lane admits no new prompt). A lane that would drain slower than ``starvation_ms`` lets starving requests
-        join it (mixed steps) rather than wait out, say, a long answer."""
+        measured time of a merged decode-only step (a draining lane admits no new prompt). A lane that
+        would drain slower than ``starvation_ms`` lets starving requests join it (mixed steps) rather
+        than wait out, say, a long answer."""
         left = max((r.params.max_tokens - len(r.out_ids) for r in self._running), default=0)
         return left * self.decode_step_ms
 
-    def _joining_pays(self, r: GenRequest) -> bool:
+    def _joining_pays(self, r: GenRequest, drain_ms: float) -> bool:
         """Whether a request of another adapter joins the running lane now rather than wait for it to drain.
 
-        It joins when the lane would take longer to drain (:meth:`_drain_ms`) than its own answer would
-        take in the mixed batch plus the LoRA time it adds to every other request there: its answer tokens
-        times (a decode step + (running + 1) × ``Orchestrator.join_cost``). Counting its own answer on the
+        It joins when the lane would take longer to drain (``drain_ms``, see :meth:`_drain_ms`) than its own
+        answer would take in the mixed batch plus the LoRA time it adds to every other request there: its
+        answer tokens times (a decode step + (running + 1) × ``Orchestrator.join_cost``). Counting its own answer on the
         cost side is a margin over the plain trade (drain against the added LoRA time alone), which mixed
         far too often when measured: a joiner keeps steps mixed for its whole answer, the lane's later
         requests pay too, and it gives up a lane where its adapter's requests would batch. So requests of
         similar length keep lanes whole, and a short request does not wait behind a long answer."""
         n = len(self._running)
         own = r.params.max_tokens * (self.decode_step_ms + (n + 1) * self.orchestrator.join_cost(n))
-        return n > 0 and self._drain_ms() > own
+        return n > 0 and drain_ms > own
 
     def _lane(self) -> str | None:
         """The adapter whose requests are admitted now (None = the base model's); "" = none (a lane draining).
