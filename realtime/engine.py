@@ -30,6 +30,7 @@ import torch
 
 from realtime.audio import StreamingResampler
 from realtime.metrics import Metrics
+from vision.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class Engine:
         if self._thread is not None:
             return
         self._running.set()
+        release_thread_pool()  # the caller's OpenMP workers (it loaded the model) would throttle the engine's
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 

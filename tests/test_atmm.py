@@ -88,6 +88,44 @@ def test_scaling_is_per_adapter_and_auto_uses_torch_on_cpu():
     assert torch.allclose(out[ts == 1], base[ts == 1], atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mixed", "grouped", "empty-segments"])
+def test_lora_linear_keeps_slot_views_and_matches_the_reference(name):
+    """The layer's torch path (slot views kept between steps) against the reference on the same buffers:
+    add and subtract, a slot holding fewer rows here than its rank (peft rank_pattern), a slot that leaves
+    this layer alone, a slot refilled after a step, and buffers replaced by ``module.to``."""
+    from vision.lora_linear import LoRAContext, LoRALinear
+
+    slots, ranks = CASES[name]
+    x, _, a, b, sc, _, ts = _batch(slots, ranks)
+    ctx = LoRAContext(backend="auto")
+    lin = LoRALinear(torch.nn.Linear(x.shape[1], b.shape[1], bias=False), ctx, len(ranks), a.shape[1])
+    for s, r in enumerate(ranks):
+        if s == 1:
+            lin.set_lora(s, None, None, float(sc[s]), r)  # not targeted here, though its tokens are in the batch
+        else:
+            lin.set_lora(s, a[s, :max(r - 1, 1)], b[s, :, :max(r - 1, 1)], float(sc[s]), r)  # a row short
+    slot_ranks = torch.tensor(ranks)
+
+    def expected(subtract: bool) -> torch.Tensor:
+        y = lin.base(x)
+        scaling = lin.neg_scaling if subtract else lin.scaling
+        return atmm_reference(y, x, lin.lora_a, lin.lora_b, scaling, lin.ranks, make_batch_info(ts, slot_ranks))
+
+    info = make_batch_info(ts, slot_ranks)
+    with torch.no_grad():
+        for subtract in (False, True):
+            ctx.add, ctx.subtract = (None, info) if subtract else (info, None)
+            torch.testing.assert_close(lin(x), expected(subtract), atol=1e-5, rtol=1e-5)
+        ctx.add, ctx.subtract = info, None
+        lin.set_lora(0, 2 * a[0, :ranks[0]], b[0, :, :ranks[0]], 3.0, ranks[0])  # refilled between steps
+        torch.testing.assert_close(lin(x), expected(False), atol=1e-5, rtol=1e-5)
+        lin.to(torch.float64)  # new buffers: views of the old ones would read stale float32 weights
+        x = x.double()
+        torch.testing.assert_close(lin(x), expected(False), atol=1e-9, rtol=1e-9)
+        with pytest.raises(ValueError, match="rows"):
+            lin(x[:-1])
+
+
 def test_batch_info_segments():
     slots, ranks = CASES["mixed"]
     info = make_batch_info(torch.tensor(slots), torch.tensor(ranks))

@@ -175,6 +175,56 @@ def test_scheduler_batches_adapters_and_matches_peft_greedy(world, policy):
     assert all(service.adapters._refs[n] == 0 for n in service.adapters._refs)
 
 
+def test_steps_group_tokens_by_adapter(world):
+    """Interleaved arrivals (a, b, a, b) run as one contiguous segment per adapter: the LoRA path adds into
+    slices of each layer's output instead of gathering and scattering rows; answers still match peft."""
+    _, _, _, ref = world
+    service = make_service(world, policy="unmerged", max_running=4)
+    contiguous: list[bool] = []
+    apply = service.orchestrator.apply
+
+    def recording(plan, token_slots):
+        apply(plan, token_slots)
+        contiguous.extend(info.contiguous for info in (service.ctx.add, service.ctx.subtract) if info is not None)
+
+    service.orchestrator.apply = recording
+    requests = [("ad-a", PROMPTS["ad-a"]), ("ad-b", PROMPTS["ad-b"]), ("ad-a", PROMPTS["ad-c"]),
+                ("ad-b", PROMPTS[None])]
+    gens, _ = _generate(service, requests, queue_first=True)
+    for req, (name, ids) in zip(gens, requests, strict=True):
+        assert req.out_ids == ref_greedy(ref, name, ids, len(req.out_ids)), name
+    assert contiguous and all(contiguous)
+
+
+
+def test_calibration_prices_lora_on_every_slot_at_full_rank_and_restores_them(world, monkeypatch):
+    """Calibration times LoRA work as the costliest case whatever is loaded (here nothing is): every slot
+    multiplied at full rank, each its own segment in the spread forward. Afterwards the slots are as they
+    were, and answers still match peft."""
+    import vision.lora_linear as lora_linear
+
+    _, _, _, ref = world
+    service = make_service(world, slots=3)
+    layers = list(service.layers.values())
+    widths_before = [list(lay._widths) for lay in layers]
+    seen: list[dict[int, int]] = []
+    real = lora_linear.grouped_lora
+
+    def spy(y, x, weights, info):
+        seen.append({s: (0 if weights[s] is None else weights[s][0].shape[1]) for s in info.seg_slots_host})
+        return real(y, x, weights, info)
+
+    monkeypatch.setattr(lora_linear, "grouped_lora", spy)
+    service.scheduler.calibrate()
+    monkeypatch.setattr(lora_linear, "grouped_lora", real)
+    assert seen and all(set(widths.values()) == {8} for widths in seen)  # max_lora_rank=8, no slot skipped
+    assert any(len(widths) == 3 for widths in seen)  # the spread forward
+    assert [list(lay._widths) for lay in layers] == widths_before
+    gens, _ = _generate(service, [("ad-b", PROMPTS["ad-b"])])
+    assert gens[0].out_ids == ref_greedy(ref, "ad-b", PROMPTS["ad-b"], len(gens[0].out_ids))
+
+
+
 def test_manager_lru_eviction_and_pinning(world):
     service = make_service(world, slots=2)
     m = service.adapters

@@ -12,6 +12,7 @@ Requests talk to the thread through ``emit`` callbacks (the API bridges them int
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -29,6 +30,7 @@ from vision.detokenize import IncrementalDetokenizer
 from vision.lora.atmm import triton_available
 from vision.mma import IMAGE, TEXT
 from vision.model import Prompt, VisionLanguageModel
+from vision.openmp import release_thread_pool
 from vision.orchestrator import Mode, Orchestrator, Plan
 from vision.step_graphs import StepGraphs
 
@@ -148,6 +150,7 @@ class Scheduler:
             return
         with self._cv:
             self._stop = False
+        release_thread_pool()  # this thread's OpenMP workers would throttle the scheduler's (vision.openmp)
         self._thread = threading.Thread(target=self._loop, name="vision-scheduler", daemon=True)
         self._thread.start()
 
@@ -202,10 +205,12 @@ class Scheduler:
             orch.time_merges()
             return
         saved = orch.slot_ranks.clone()
-        saved_layers = [(lay.ranks.clone(), list(lay._ranks_host)) for lay in layers]
+        saved_layers = [(lay.ranks.clone(), list(lay._ranks_host), list(lay._widths)) for lay in layers]
         saved_host = list(orch.ctx.slot_ranks_host)
         for lay in layers:  # every slot full rank: the costliest case, whatever is loaded
             lay.ranks.fill_(r_max)
+            lay._widths = [r_max] * S  # the torch path multiplies every row (zeros past a slot's own)
+            lay._views = None
         orch.slot_ranks.fill_(r_max)
         orch.ctx.slot_ranks_host[:] = [r_max] * S
         dev = self.model.device
@@ -247,9 +252,9 @@ class Scheduler:
         finally:
             orch.slot_ranks.copy_(saved)
             orch.ctx.slot_ranks_host[:] = saved_host
-            for lay, (r, host) in zip(layers, saved_layers, strict=True):
+            for lay, (r, host, widths) in zip(layers, saved_layers, strict=True):
                 lay.ranks.copy_(r)
-                lay._ranks_host = host
+                lay._ranks_host, lay._widths, lay._views = host, widths, None
             orch.ctx.add = orch.ctx.subtract = None
             orch.current = Plan(Mode.UNMERGED)
             orch.mode_steps.clear()
@@ -417,6 +422,11 @@ class Scheduler:
             owners.append(r)
         if not segments:
             return
+        if any(a.adapter_slot > b.adapter_slot for a, b in itertools.pairwise(owners)):
+            # grouped by adapter, each LoRA segment is one run of rows: no gather and scatter per layer
+            order = sorted(range(len(owners)), key=lambda i: owners[i].adapter_slot)
+            segments, chunks, owners = ([xs[i] for i in order] for xs in (segments, chunks, owners))
+            token_slots = [r.adapter_slot for r, seg in zip(owners, segments, strict=True) for _ in range(seg.length)]
         dec_idx = [i for i, c in enumerate(chunks) if c is None]
         if dec_idx:
             ids = torch.tensor([owners[i].out_ids[-1] for i in dec_idx], device=dev)

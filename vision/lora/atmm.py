@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -246,29 +247,57 @@ def atmm(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     return atmm_torch(y, x, lora_a, lora_b, scaling, info)
 
 
+SlotWeights = tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]
+"""One slot's LoRA factors as the grouped torch path multiplies them: ``(A_sᵀ (d_in, r), B_sᵀ (r, d_out), scale)``."""
+
+
 def atmm_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                scaling: torch.Tensor, info: LoRABatchInfo) -> torch.Tensor:
     """The grouped PyTorch path (CPU, and the CUDA fallback): one shrink/expand matmul pair per segment.
 
-    Ranks come from ``info`` (host), so low-rank adapters only multiply their own r_s columns. Allocates,
-    per call: the (n_g, r_g) shrink output of each segment; if the batch is not ``contiguous`` also one
-    gather of x (T_a, d_in) and one (T_a, d_out) expand output, added back with one ``index_add_``. A
-    contiguous batch adds into slices of y in place (``addmm_``), with no gather or scatter.
+    Ranks come from ``info`` (host), so low-rank adapters only multiply their own r_s columns; the scale
+    stays a device tensor (no sync). Callers that keep their slots' views and host scales between calls
+    (``LoRALinear``) go to :func:`grouped_lora` directly and skip building them per call.
     """
-    segs = zip(info.seg_slots_host, info.seg_starts_host, info.seg_lens_host, info.seg_ranks_host,
-               info.seg_first_host, strict=True)
+    weights = {s: (lora_a[s, :r].T, lora_b[s, :, :r].T, scaling[s])
+               for s, r in zip(info.seg_slots_host, info.seg_ranks_host, strict=True)}
+    return grouped_lora(y, x, weights, info)
+
+
+def grouped_lora(y: torch.Tensor, x: torch.Tensor, weights: Mapping[int, SlotWeights | None] | Sequence[SlotWeights | None],
+                 info: LoRABatchInfo) -> torch.Tensor:
+    """``y += scale_s · (x A_sᵀ) B_sᵀ`` per segment, with each slot's factors given (``weights[slot]``; ``None``
+    or width 0 = the slot leaves this layer alone). No checks beyond the caller's: the hot loop of a step.
+
+    A ``contiguous`` batch adds into slices of y in place (``addmm_``): per segment two products, nothing
+    else allocated but the (n, r) shrink output. Otherwise x is gathered once (T_a, d_in) and the expand
+    output (T_a, d_out) added back with one ``index_add_``.
+    """
+    segs = zip(info.seg_slots_host, info.seg_starts_host, info.seg_lens_host, info.seg_first_host, strict=True)
     if info.contiguous:
-        for s, _, n, r, first in segs:
-            xa = x[first:first + n] @ lora_a[s, :r].T          # (n, r)
-            xa.mul_(scaling[s])
-            y[first:first + n].addmm_(xa, lora_b[s, :, :r].T)  # (n, d_out) += (n, r) @ (r, d_out)
+        for s, _, n, first in segs:
+            w = weights[s]
+            if w is None or w[0].shape[1] == 0:
+                continue
+            a_t, b_t, scale = w
+            rows = x if n == x.shape[0] else x[first:first + n]
+            xa = torch.mm(rows, a_t)                           # (n, r)
+            out = y if n == y.shape[0] else y[first:first + n]
+            if isinstance(scale, torch.Tensor):
+                out.addmm_(xa.mul_(scale), b_t)
+            else:
+                out.addmm_(xa, b_t, alpha=scale)               # (n, d_out) += s · (n, r) @ (r, d_out)
         return y
-    xs = x.index_select(0, info.token_order)                  # (T_a, d_in), sorted by slot
+    xs = x.index_select(0, info.token_order)                   # (T_a, d_in), sorted by slot
     out = torch.empty((info.num_active, y.shape[1]), device=y.device, dtype=y.dtype)
-    for s, start, n, r, _ in segs:
-        xa = xs[start:start + n] @ lora_a[s, :r].T
-        xa.mul_(scaling[s])
-        torch.mm(xa, lora_b[s, :, :r].T, out=out[start:start + n])
+    for s, start, n, _ in segs:
+        w = weights[s]
+        if w is None or w[0].shape[1] == 0:
+            out[start:start + n].zero_()
+            continue
+        a_t, b_t, scale = w
+        xa = torch.mm(xs[start:start + n], a_t).mul_(scale)
+        torch.mm(xa, b_t, out=out[start:start + n])
     return y.index_add_(0, info.token_order, out)
 
 
