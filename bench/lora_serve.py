@@ -5,7 +5,8 @@ in VaLoRA's traces), mixed ranks, fixed answer lengths (``ignore_eos``; ``--long
 of them ``--long-tokens`` long) — is replayed against the real scheduler and orchestrator under three
 policies:
 
-* ``auto``: VaLoRA's credits (adapter lanes, bounded waiting) and per-step merged / mixture / unmerged;
+* ``auto``: admission oldest first (VaLoRA's credits, no one held back) and per-step merged / mixture /
+  unmerged, whichever the measured costs say is cheapest;
 * ``unmerged``: every step runs base + ATMM for all adapters (S-LoRA / Punica style);
 * ``merged``: one adapter merged at a time, other adapters' requests wait and the merge is swapped
   (dLoRA's merged mode without its unmerged fallback).
@@ -123,8 +124,6 @@ def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> Pol
                                                         max_prefill_tokens=args.prefill_budget,
                                                         cuda_graphs="off" if variant else "auto"))
     service = VisionService(model, cfg)
-    if args.starvation_ms is not None:
-        service.orchestrator.cfg.starvation_ms = args.starvation_ms
     for a in adapters:
         service.adapters.add(a)
     service.start()
@@ -216,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-budget", type=int, default=512)
     p.add_argument("--policies", default="auto,unmerged,merged",
                    help="comma-separated; a ':eager' suffix runs steps without CUDA graphs")
-    p.add_argument("--starvation-ms", type=float, default=None,
-                   help="auto: how long a request of another adapter waits out a lane (default: the orchestrator's)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

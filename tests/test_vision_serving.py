@@ -111,6 +111,7 @@ def test_policy_picks_the_cheapest_mode_under_the_measured_costs(world):
     assert orch.decide([a] * 10) == Plan(Mode.MERGED, a)
     # a merge that costs more than the LoRA work it saves over the steps left is not made
     orch.switch_ms = 100.0
+    orch.run_steps = None  # the calls above made runs of one step; with none measured, the answers' lengths bound it
     assert orch.decide([a] * 10, remaining={a: 2}).mode == Mode.UNMERGED
     assert orch.decide([a] * 10, remaining={a: 500}) == Plan(Mode.MERGED, a)
 
@@ -196,7 +197,6 @@ def test_steps_group_tokens_by_adapter(world):
     assert contiguous and all(contiguous)
 
 
-
 def test_calibration_prices_lora_on_every_slot_at_full_rank_and_restores_them(world, monkeypatch):
     """Calibration times LoRA work as the costliest case whatever is loaded (here nothing is): every slot
     multiplied at full rank, each its own segment in the spread forward. Afterwards the slots are as they
@@ -222,7 +222,6 @@ def test_calibration_prices_lora_on_every_slot_at_full_rank_and_restores_them(wo
     assert [list(lay._widths) for lay in layers] == widths_before
     gens, _ = _generate(service, [("ad-b", PROMPTS["ad-b"])])
     assert gens[0].out_ids == ref_greedy(ref, "ad-b", PROMPTS["ad-b"], len(gens[0].out_ids))
-
 
 
 def test_manager_lru_eviction_and_pinning(world):
@@ -326,64 +325,59 @@ def _ids(requests) -> list[str]:
     return [r.id for r in requests]
 
 
-def test_auto_runs_adapter_lanes_until_another_adapter_starves(world):
-    service = make_service(world, max_running=4)
-    sched, orch = service.scheduler, service.orchestrator
-    _queue(sched, [("b1", "ad-b", 0.5), ("a1", "ad-a", 0.4), ("a2", "ad-a", 0.3)])
-    sched._admit()  # a lane for the adapter with most waiting requests, not for the oldest request
-    assert _ids(sched._running) == ["a1", "a2"] and _ids(sched._waiting) == ["b1"]
-    _queue(sched, [("a3", "ad-a", 0.0)])
-    sched._admit()  # the lane goes on admitting its own adapter; b1 waits, not yet starving
-    assert _ids(sched._running) == ["a1", "a2", "a3"] and _ids(sched._waiting) == ["b1"]
-    orch.cfg.starvation_ms = 100.0  # b1 has waited 500 ms: the lane admits no one more and drains
-    _queue(sched, [("a4", "ad-a", 0.0)])
+def test_auto_admits_every_adapter_oldest_first(world):
+    """Under "auto" no request waits for another adapter's requests to finish: admission is by credit
+    (waiting time, oldest first) alone, and only free cache slots bound it."""
+    service = make_service(world, max_running=3)
+    sched = service.scheduler
+    _queue(sched, [("b1", "ad-b", 0.5), ("a1", "ad-a", 0.4), ("c1", "ad-c", 0.3), ("a2", "ad-a", 0.2)])
     sched._admit()
-    assert _ids(sched._running) == ["a1", "a2", "a3"] and _ids(sched._waiting) == ["b1", "a4"]
-    for r in list(sched._running):
-        sched._finish(r, None)
-    sched._admit()  # drained: the starving request's adapter has the next lane
-    assert _ids(sched._running) == ["b1"] and _ids(sched._waiting) == ["a4"]
-    assert all(service.adapters._refs[n] == (1 if n == "ad-b" else 0) for n in service.adapters._refs)
+    assert _ids(sched._running) == ["b1", "a1", "c1"] and _ids(sched._waiting) == ["a2"]
+    sched._finish(sched._running[0], None)
+    sched._admit()
+    assert _ids(sched._running) == ["a1", "c1", "a2"] and not sched._waiting
+    assert dict(service.adapters._refs) == {"ad-a": 2, "ad-b": 0, "ad-c": 1}  # a reference per running request
 
 
-def test_a_starving_request_joins_a_lane_that_would_drain_slowly(world):
-    service = make_service(world, max_running=4)
-    sched, orch = service.scheduler, service.orchestrator
-    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.0, 0.0  # a mixed step costs 1 ms more
-    _queue(sched, [("a1", "ad-a", 0.0)])
-    sched._admit()
-    sched._running[0].params.max_tokens = 1000  # a long answer
-    orch.cfg.starvation_ms = 100.0
-    _queue(sched, [("b1", "ad-b", 0.5)])
-    sched._waiting[0].params.max_tokens = 1000  # as long: joining would not pay by itself (see below)
-    sched.decode_step_ms = 0.01  # drains in 10 ms: b1 waits it out
-    sched._admit()
-    assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]
-    sched.decode_step_ms = 10.0  # drains in 10 s, longer than b1's bound: b1 joins now, the steps mix
-    assert not sched._joining_pays(sched._waiting[0], sched._drain_ms())
-    sched._admit()
-    assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
+def test_auto_merges_a_lone_adapter_only_when_the_merge_pays_back(world):
+    """A merge is charged its measured cost spread over the steps the adapter's requests may still take:
+    a lone adapter with a long way to go runs merged, one about to finish stays unmerged; once merged,
+    staying merged costs nothing more."""
+    service = make_service(world)
+    orch = service.orchestrator
+    a, b = service.adapters.acquire("ad-a"), service.adapters.acquire("ad-b")
+    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.5, 0.0  # LoRA: 1 ms a step for one adapter
+    orch.calibrated, orch.merge_ms, orch.merge_ms_per_rank = True, 20.0, 0.0  # a merge: 20 ms
+    assert orch.decide([a] * 2, remaining={a: 100}) == Plan(Mode.MERGED, a)  # 0.2 ms a step < 1 ms
+    assert orch.decide([a] * 2, remaining={a: 10}).mode == Mode.UNMERGED  # 2 ms a step > 1 ms
+    orch.apply(Plan(Mode.MERGED, a), torch.tensor([a, a]))
+    assert orch.decide([a] * 2, remaining={a: 1}) == Plan(Mode.MERGED, a)  # already merged: free
+    # mixed: one call and a segment (1.5 ms) beat mixture's two calls (2 ms), merged or not
+    assert orch.decide([a, b], remaining={a: 100, b: 100}).mode == Mode.UNMERGED
 
 
-def test_a_short_request_joins_a_lane_behind_a_long_answer(world):
-    service = make_service(world, max_running=4)
-    sched, orch = service.scheduler, service.orchestrator
-    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.0, 0.0  # a mixed step costs 1 ms more
-    sched.decode_step_ms = 10.0
-    _queue(sched, [("a1", "ad-a", 0.0)])
-    sched._admit()
-    sched._running[0].params.max_tokens = 16  # the lane drains in 160 ms
-    _queue(sched, [("b1", "ad-b", 0.0)])
-    sched._waiting[0].params.max_tokens = 16  # its own answer: 16 x (10 + 2 x 1) = 192 ms
-    sched._admit()
-    assert _ids(sched._running) == ["a1"] and _ids(sched._waiting) == ["b1"]  # an answer like its own: wait
-    sched._running[0].params.max_tokens = 100  # now the lane drains in 1 s, more than b1 would take
-    sched._admit()
-    assert _ids(sched._running) == ["a1", "b1"] and not sched._waiting
-    _queue(sched, [("a2", "ad-a", 0.0), ("c1", "ad-c", 0.0)])
-    sched._waiting[1].params.max_tokens = 60  # with a2 in, 60 x (10 + 4 x 1) = 840 ms < 1 s: joins too
-    sched._admit()
-    assert _ids(sched._running) == ["a1", "b1", "a2", "c1"]
+def test_auto_stops_merging_when_other_adapters_keep_mixing_the_batch(world):
+    """A merge pays back only while the batch stays one adapter's: the orchestrator measures how long such
+    runs of steps last, and under arrivals that mix the batch every third step it stops merging, however
+    long the lone adapter's answers still are. Long runs (a quiet server) keep merging."""
+    service = make_service(world)
+    orch = service.orchestrator
+    a, b = service.adapters.acquire("ad-a"), service.adapters.acquire("ad-b")
+    orch.call_ms, orch.segment_ms, orch.token_ms = 1.0, 0.5, 0.0
+    orch.calibrated, orch.merge_ms, orch.merge_ms_per_rank = True, 20.0, 0.0
+    left = {a: 100, b: 100}
+    assert orch.run_steps is None and orch.decide([a] * 2, remaining=left) == Plan(Mode.MERGED, a)
+    for _ in range(12):  # two steps of a alone, then b arrives; b's request ends, and again
+        orch.decide([a, a], remaining=left)
+        orch.decide([a, a], remaining=left)
+        orch.decide([a, b], remaining=left)
+    assert orch.run_steps == pytest.approx(2.0, abs=0.3)
+    assert orch.decide([a] * 2, remaining=left).mode == Mode.UNMERGED  # 20 ms over 2 steps > 1 ms a step
+    for _ in range(3):
+        for _ in range(60):  # a quiet server: a alone for 60 steps at a time
+            orch.decide([a], remaining=left)
+        orch.decide([a, b], remaining=left)
+    assert orch.run_steps > 20 and orch.decide([a], remaining=left) == Plan(Mode.MERGED, a)
 
 
 def test_the_merged_baseline_runs_lanes_in_arrival_order(world):
@@ -394,11 +388,11 @@ def test_the_merged_baseline_runs_lanes_in_arrival_order(world):
     assert _ids(sched._running) == ["b1", "b2"] and _ids(sched._waiting) == ["a1", "a2"]
 
 
-@pytest.mark.parametrize("policy", ["auto", "merged"])
-def test_lanes_keep_every_step_merged(world, policy):
-    """Requests of three adapters and the base model at once: lanes make every step single-adapter, so
-    the orchestrator never needs a LoRA term, and the answers still equal peft's."""
+def test_lanes_keep_every_step_merged(world):
+    """Requests of three adapters and the base model at once under the "merged" baseline: lanes make every
+    step single-adapter, so the orchestrator never needs a LoRA term, and the answers still equal peft's."""
     _, _, _, ref = world
+    policy = "merged"
     service = make_service(world, policy=policy, max_running=8)
     orch = service.orchestrator
     orch.calibrated, orch.merge_ms, orch.merge_ms_per_rank = True, 0.0, 0.0  # free merges: a lane always merges

@@ -4,27 +4,24 @@
 * **unmerged**: base product + one ATMM call for every adapter in the batch.
 * **mixture** (k merged): requests of k run free; the others add ``x(B_iA_i − B_kA_k)`` (two ATMM calls).
 
-Policy (after VaLoRA §4, with costs measured instead of assumed), in two parts:
+Policy (after VaLoRA §4, "merge the dominant adapter when it holds most of the batch, otherwise
+unmerge", with costs measured instead of assumed): under "auto" the scheduler admits requests in arrival
+order, whatever their adapters, and each step runs the cheapest of unmerged, mixture(k) and merged(k),
+k the adapter with most tokens. The LoRA work of a step is priced as
+``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term measured
+on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a GPU one Triton
+launch covers every adapter, so the call dominates and a second call (mixture's subtract term) costs as
+much as it saves; on a CPU every adapter segment is its own pair of matrix products. A new merge is
+charged its measured cost spread over the steps it may serve: the steps k's running requests may still
+take, or, if shorter, the measured mean length of runs of single-adapter steps (under load, arrivals of
+other adapters mix the batch again within a few steps). So a lone adapter on a quiet server runs merged;
+a short answer, a busy server or a mixed batch runs unmerged.
 
-* **Admission, the credits** (``Scheduler._lane``): requests run in adapter lanes. A lane admits only its
-  adapter's requests, so its steps run merged, with no LoRA work. A request of another adapter waits; its
-  credit is its waiting time. Once one has waited ``starvation_ms`` the lane admits no one more and
-  drains, and the next lane is the starving request's adapter (if draining would take longer than
-  ``starvation_ms``, the starving request joins the lane at once instead); otherwise the next lane is
-  the adapter with most requests waiting (one merge serves the most). A request of another adapter
-  joins a running lane at once only when the lane would take longer to drain than its own answer plus
-  the LoRA time its joining adds (``Scheduler._joining_pays``, priced with :meth:`Orchestrator.join_cost`):
-  a short request behind a long answer joins; requests of similar length keep lanes whole.
-* **Per step, the mode**: the LoRA work of a step is priced as
-  ``calls × call_ms + extra segments × segment_ms + tokens × token_ms`` over all layers, each term
-  measured on the running device (``Scheduler.calibrate``: real forwards with and without LoRA): on a
-  GPU one Triton launch covers every adapter, so the call dominates and a second call (mixture's
-  subtract term) costs as much as it saves; on a CPU every adapter segment is its own pair of matrix
-  products. Per step the cheapest of unmerged, mixture(k) and merged(k) is run, k the adapter with most
-  tokens, a new merge charged its measured cost spread over the steps k's running requests may still
-  take (a lane too short to repay its merge runs unmerged). Under "auto" mixed batches come from
-  requests that join a lane; under the "unmerged" and "mixture" policies, which admit in arrival order,
-  from any trace with several adapters.
+Admission in adapter lanes (a lane admits only its adapter, so its steps run merged; VaLoRA's credits
+bound how long others wait) was this policy until the CPU path got cheap: once a LoRA projection's
+overhead fell from ~48 to ~7 µs and the scheduler thread stopped paying OpenMP wake-ups, lanes cost more
+in queueing than they saved in LoRA work (docs/vision.md has the figures). The "merged" baseline still
+runs lanes, with no bound.
 """
 
 from __future__ import annotations
@@ -53,15 +50,14 @@ POLICIES = ("auto", "unmerged", "merged", "mixture")
 @dataclass
 class OrchestratorConfig:
     policy: str = "auto"  # "auto", or force one mode ("merged" serves one adapter per step: see Scheduler)
-    starvation_ms: float = 2000.0  # auto: past this wait, a request of another adapter ends the running lane
     horizon_steps: int = 32  # steps a merge is expected to last when the requests' lengths are unknown
     ema: float = 0.2
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
-        if self.starvation_ms < 0 or self.horizon_steps < 1:
-            raise ValueError("starvation_ms must be >= 0 and horizon_steps >= 1")
+        if self.horizon_steps < 1:
+            raise ValueError("horizon_steps must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -88,6 +84,9 @@ class Orchestrator:
         self.switch_ms = 0.0  # the last real merge of all layers (ms)
         self.merge_ms, self.merge_ms_per_rank = 0.0, 0.0  # the merge cost model, measured by time_merges()
         self.calibrated = False
+        self.run_steps: float | None = None  # mean length of single-adapter runs of steps (see _observe_run)
+        self._run_slot: int | None = None
+        self._run_len = 0
         self.switches = 0
         self.mode_steps: Counter[str] = Counter()
 
@@ -124,6 +123,7 @@ class Orchestrator:
             return Plan(Mode.UNMERGED)  # base tokens only: no LoRA work either way
         k, n_k = counts.most_common(1)[0]
         alone = n_k == len(token_slots)
+        self._observe_run(k if alone else None)
         if policy == "merged":
             return Plan(Mode.MERGED, k)
         if policy == "mixture":
@@ -134,6 +134,8 @@ class Orchestrator:
             mine = counts.get(cur.slot, 0)
             candidates.append(Plan(Mode.MERGED if mine == len(token_slots) else Mode.MIXTURE, cur.slot))
         steps = max(1, (remaining or {}).get(k, self.cfg.horizon_steps))
+        if self.run_steps is not None:  # arrivals of other adapters end a merge's use sooner than that
+            steps = max(1, min(steps, round(self.run_steps)))
 
         def total(plan: Plan) -> float:
             cost = self.plan_cost(plan, token_slots)
@@ -142,6 +144,19 @@ class Orchestrator:
             return cost
 
         return min(candidates, key=total)  # ties go to the first: unmerged
+
+    def _observe_run(self, alone: int | None) -> None:
+        """Track runs of consecutive steps whose tokens are all one adapter's (``alone``: that slot, or
+        None): ``run_steps`` is a moving average of their lengths, how long a merge is used before the
+        batch mixes again or drains. Under load, where other adapters keep arriving, runs are short and
+        a merge rarely pays; on a quiet server a lone request's run is its whole answer."""
+        if alone is not None and alone == self._run_slot:
+            self._run_len += 1
+            return
+        if self._run_len:
+            a = self.cfg.ema
+            self.run_steps = self._run_len if self.run_steps is None else (1 - a) * self.run_steps + a * self._run_len
+        self._run_slot, self._run_len = (alone, 1) if alone is not None else (None, 0)
 
     # ------------------------------------------------------------------ apply
     def apply(self, plan: Plan, token_slots: torch.Tensor) -> None:
@@ -229,11 +244,6 @@ class Orchestrator:
         self.merge_ms_per_rank = max(high - low, 0.0) / max(r_max - 1, 1)
         self.merge_ms = max(low - self.merge_ms_per_rank, 0.0)
         self.calibrated = True
-
-    def join_cost(self, running: int) -> float:
-        """Modelled ms a step of ``running`` tokens of one merged adapter gains when one token of another
-        adapter joins it: mixture's add and subtract terms for that token, or unmerging the step."""
-        return min(2 * self.atmm_cost(1, 1), self.atmm_cost(running + 1, 2))
 
     def merge_cost(self, slot: int) -> float:
         if not self.calibrated:

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,8 +120,6 @@ class Scheduler:
         self.steps = self.tokens_generated = self.failures = 0
         self.last_batch = 0
         self.mode_last = "unmerged"
-        self._lane_adapter: str | None = None  # see _lane
-        self.decode_step_ms = 0.0  # moving average of a merged decode-only step's wall time (how fast a lane drains)
         self.finished: dict[str, int] = {}  # requests ended, by finish reason / error code / "cancelled"
 
     def _step_graphs(self) -> StepGraphs | None:
@@ -180,8 +178,6 @@ class Scheduler:
                    "step_failures": self.failures}
         if self.orchestrator is not None:
             out["orchestrator"] = self.orchestrator.stats()
-            if self.orchestrator.cfg.policy == "auto":
-                out["lane"] = self._lane_adapter  # the adapter being admitted (None: the base model)
         if self.graphs is not None:
             out["cuda_graphs"] = self.graphs.stats()
         return out
@@ -292,24 +288,15 @@ class Scheduler:
         self._waiting = deque(r for r in self._waiting if not r.cancelled)
 
     def _admit(self) -> None:
-        """Move waiting requests in while a cache slot and their adapter's device slot are free.
-
-        Under the "merged" and "auto" policies requests run in adapter lanes (:meth:`_lane`): only the
-        lane's adapter is admitted, so its steps can run merged, with no LoRA work. Under "auto" a request
-        of another adapter joins when waiting for the lane would cost more (:meth:`_joining_pays`), or when
-        it starves behind a lane that drains slowly."""
-        orch = self.orchestrator
-        lanes = orch is not None and orch.cfg.policy in ("merged", "auto")
-        lane = self._lane() if lanes else None
-        auto = lanes and orch.cfg.policy == "auto"
-        drain = self._drain_ms() if auto else 0.0  # once per admission, raised as requests join below
-        limit = -math.inf  # requests that arrived before this join the running lane, mixed
-        if auto and drain > orch.cfg.starvation_ms:
-            limit = time.monotonic() - orch.cfg.starvation_ms / 1e3
+        """Move waiting requests in, in arrival order, while a cache slot and their adapter's device slot
+        are free. Under the "merged" baseline only the lane's adapter is admitted (:meth:`_lane`), so
+        that every step runs merged; "auto" admits everyone and prices each step's mode instead
+        (``Orchestrator.decide``)."""
+        merged = self.orchestrator is not None and self.orchestrator.cfg.policy == "merged"
+        lane = self._lane() if merged else None
         keep: list[GenRequest] = []
         for r in self._waiting:
-            if not self._free_slots or (lanes and r.adapter != lane and r.arrived > limit
-                                        and not (auto and lane != "" and self._joining_pays(r, drain))):
+            if not self._free_slots or (merged and r.adapter != lane):
                 keep.append(r)
                 continue
             if r.adapter is not None:
@@ -328,64 +315,18 @@ class Scheduler:
                 mma.assign(r.cache_slot, IMAGE if r.prompt.images else TEXT)
             # a LoRA adapter's request keeps the slot unassigned: the plain model its adapter was trained on
             self._running.append(r)
-            drain = max(drain, r.params.max_tokens * self.decode_step_ms)
         self._waiting = deque(keep)
 
-    def _drain_ms(self) -> float:
-        """How long the running requests may still take: the most answer tokens any has left, at the
-        measured time of a merged decode-only step (a draining lane admits no new prompt). A lane that
-        would drain slower than ``starvation_ms`` lets starving requests join it (mixed steps) rather
-        than wait out, say, a long answer."""
-        left = max((r.params.max_tokens - len(r.out_ids) for r in self._running), default=0)
-        return left * self.decode_step_ms
-
-    def _joining_pays(self, r: GenRequest, drain_ms: float) -> bool:
-        """Whether a request of another adapter joins the running lane now rather than wait for it to drain.
-
-        It joins when the lane would take longer to drain (``drain_ms``, see :meth:`_drain_ms`) than its own
-        answer would take in the mixed batch plus the LoRA time it adds to every other request there: its
-        answer tokens times (a decode step + (running + 1) × ``Orchestrator.join_cost``). Counting its own answer on the
-        cost side is a margin over the plain trade (drain against the added LoRA time alone), which mixed
-        far too often when measured: a joiner keeps steps mixed for its whole answer, the lane's later
-        requests pay too, and it gives up a lane where its adapter's requests would batch. So requests of
-        similar length keep lanes whole, and a short request does not wait behind a long answer."""
-        n = len(self._running)
-        own = r.params.max_tokens * (self.decode_step_ms + (n + 1) * self.orchestrator.join_cost(n))
-        return n > 0 and drain_ms > own
-
     def _lane(self) -> str | None:
-        """The adapter whose requests are admitted now (None = the base model's); "" = none (a lane draining).
-
-        "merged" (the fixed baseline): the running requests' adapter, else the oldest waiting request's.
-        "auto" (VaLoRA's credits): a lane admits its adapter's requests until a request of another adapter
-        has waited ``starvation_ms``; then it admits no one more and drains (or the starving request joins
-        it at once, if draining would take longer than ``starvation_ms``: :meth:`_drain_ms`). The next lane
-        goes to the adapter of the oldest starving request, else stays with the last one if it has requests
-        waiting, else goes to the adapter with most waiting requests (one merge then serves the most; ties
-        to the oldest)."""
-        running = [r.adapter for r in self._running]
-        if self.orchestrator.cfg.policy == "merged":
-            return running[0] if running else (self._waiting[0].adapter if self._waiting else None)
-        lane = self._lane_adapter
-        limit = time.monotonic() - self.orchestrator.cfg.starvation_ms / 1e3
-        starving = [r for r in self._waiting if r.arrived <= limit and r.adapter != lane]
-        waiting = [r.adapter for r in self._waiting]
-        if running:
-            if starving:
-                return ""
-            if lane not in running and lane not in waiting:  # the lane ended; requests that joined it run on
-                lane = Counter(running).most_common(1)[0][0]
-        elif starving:
-            lane = starving[0].adapter
-        elif lane not in waiting:
-            # insertion order is arrival order, so ties go to the oldest; no one waiting: the base model's lane
-            lane = Counter(waiting).most_common(1)[0][0] if waiting else None
-        self._lane_adapter = lane
-        return lane
+        """The "merged" baseline's lane (None: the base model's): the running requests' adapter, else the
+        oldest waiting request's. Requests of other adapters wait for the lane to drain, however long: a
+        server that only ever runs merged must."""
+        if self._running:
+            return self._running[0].adapter
+        return self._waiting[0].adapter if self._waiting else None
 
     @torch.inference_mode()
     def _step(self, batch: list[GenRequest], waiting: list[tuple[str | None, float]]) -> None:
-        t0 = time.perf_counter()
         model, dev = self.model, self.model.device
         segments, chunks, token_slots, owners = [], [], [], []
         budget = self.cfg.max_prefill_tokens
@@ -458,9 +399,6 @@ class Scheduler:
                 (self.orchestrator.set_batch if prepared else self.orchestrator.apply)(plan, slots_t)
             logits = model.decoder(embeds, step, self.cache)  # (n_segments, vocab)
         nxt = self._sample(logits, owners)  # reads the logits back: the step has finished on the device
-        if len(dec_idx) == len(owners) and (plan is None or plan.mode == Mode.MERGED):
-            ms = (time.perf_counter() - t0) * 1e3
-            self.decode_step_ms = ms if self.decode_step_ms == 0 else 0.8 * self.decode_step_ms + 0.2 * ms
         self.steps += 1
         self.last_batch = len(owners)
         if self.orchestrator is not None:
