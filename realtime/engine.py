@@ -262,15 +262,20 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         deadline = time.perf_counter()
+        pooled = False  # this thread has OpenMP workers: it stepped since it last went idle
         try:
             while self._running.is_set():
                 self._apply_commands()
                 if not self._live:
+                    if pooled:  # idle: its workers would throttle another thread's (vision.openmp)
+                        release_thread_pool()
+                        pooled = False
                     self._wake.wait(0.5)
                     self._wake.clear()
                     deadline = time.perf_counter()
                     continue
                 t0 = time.perf_counter()
+                pooled = True
                 self._tick()
                 dt = time.perf_counter() - t0
                 self.stats.step_ms.append(dt * 1e3)

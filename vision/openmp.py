@@ -7,6 +7,11 @@ loads its models on the main thread (one pool) and steps them on a scheduler thr
 on a 2-core CPU the scheduler's ops then ran 3-4x slower (one token through a 576x1536 linear: 135 µs
 against 38 µs; a whole 8-layer decode step of the serving bench: 24 ms against 9 ms). Freeing the main
 thread's pool when the serving thread starts leaves that thread the only pool, spinning as it should.
+
+An idle thread's pool throttles just the same (a second thread's one-token linear: 160 µs while the
+first thread idled with its pool, 37 µs after it freed it), so each compute thread (the vision
+scheduler, the voice engine, the dialogue worker) also frees its own pool when it goes idle. Two threads
+busy at once on a 2-core CPU still throttle each other: they share the cores anyway.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 _OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the threads, not only park them
@@ -27,6 +30,8 @@ _OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the threads, not only park the
 @functools.cache
 def _runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime torch has already loaded (never a second one), or None."""
+    import torch  # here, so that importing this module stays light
+
     mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
     bundled = sorted(str(p) for p in (Path(torch.__file__).parent / "lib").glob("lib*omp*"))
     for name in [*bundled, "libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.dylib"]:

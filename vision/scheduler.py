@@ -260,8 +260,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
+        pooled = False  # this thread has OpenMP workers: it stepped since it last went idle
         while True:
             with self._cv:
+                if pooled and not self._stop and not self._waiting and not self._running:
+                    release_thread_pool()  # idle: its workers would throttle another thread's (vision.openmp)
+                    pooled = False
                 while not self._stop and not self._waiting and not self._running:
                     self._cv.wait()
                 if self._stop:
@@ -273,6 +277,7 @@ class Scheduler:
             if not batch:
                 time.sleep(0.005)  # every waiting request is blocked on an adapter slot
                 continue
+            pooled = True
             try:
                 self._step(batch, waiting)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
