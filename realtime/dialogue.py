@@ -34,7 +34,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.responder import Responder
-from vision.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +172,13 @@ class Dialogue:
         return await loop.run_in_executor(self._worker, self._transcribe, audio, rate)
 
     def _transcribe(self, audio: np.ndarray, rate: int) -> str:
-        try:
-            if rate != ASR_RATE:
-                import torch
-                import torchaudio
+        if rate != ASR_RATE:
+            import torch
+            import torchaudio
 
-                with torch.inference_mode():
-                    audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, ASR_RATE).numpy()
-            return self.asr.transcribe(audio)
-        finally:
-            release_thread_pool()  # the worker idles now: its OpenMP workers would throttle the engine's
+            with torch.inference_mode():
+                audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, ASR_RATE).numpy()
+        return self.asr.transcribe(audio)
 
     async def stream(
         self, items: list[dict[str, Any]], instructions: str, stop: threading.Event
@@ -210,7 +206,6 @@ class Dialogue:
                 put(e)
             finally:
                 put(_END)
-                release_thread_pool()  # as in _transcribe
 
         loop.run_in_executor(self._worker, work)
         try:

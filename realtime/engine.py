@@ -30,7 +30,6 @@ import torch
 
 from realtime.audio import StreamingResampler
 from realtime.metrics import Metrics
-from vision.openmp import release_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,6 @@ class Engine:
         if self._thread is not None:
             return
         self._running.set()
-        release_thread_pool()  # the caller's OpenMP workers (it loaded the model) would throttle the engine's
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -262,20 +260,15 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         deadline = time.perf_counter()
-        pooled = False  # this thread has OpenMP workers: it stepped since it last went idle
         try:
             while self._running.is_set():
                 self._apply_commands()
                 if not self._live:
-                    if pooled:  # idle: its workers would throttle another thread's (vision.openmp)
-                        release_thread_pool()
-                        pooled = False
                     self._wake.wait(0.5)
                     self._wake.clear()
                     deadline = time.perf_counter()
                     continue
                 t0 = time.perf_counter()
-                pooled = True
                 self._tick()
                 dt = time.perf_counter() - t0
                 self.stats.step_ms.append(dt * 1e3)

@@ -9,9 +9,9 @@ against 38 µs; a whole 8-layer decode step of the serving bench: 24 ms against 
 thread's pool when the serving thread starts leaves that thread the only pool, spinning as it should.
 
 An idle thread's pool throttles just the same (a second thread's one-token linear: 160 µs while the
-first thread idled with its pool, 37 µs after it freed it), so each compute thread (the vision
-scheduler, the voice engine, the dialogue worker) also frees its own pool when it goes idle. Two threads
-busy at once on a 2-core CPU still throttle each other: they share the cores anyway.
+first thread idled with its pool, 37 µs after it freed it), so the vision scheduler also frees its own
+pool when it goes idle. Two threads busy at once on a 2-core CPU still throttle each other. (The voice
+engine does not call this: measured in the real duplex server, its step got slower; docs/vision.md.)
 """
 
 from __future__ import annotations
