@@ -84,6 +84,22 @@ class LoRALinear(nn.Module):
     def reset_lora(self, slot: int) -> None:
         self.set_lora(slot, None, None, 0.0, 0)
 
+    def rank_state(self) -> tuple[Tensor, list[int], list[int]]:
+        """What :meth:`assume_rank` changes, for :meth:`restore_rank_state`."""
+        return self.ranks.clone(), list(self._ranks_host), list(self._widths)
+
+    def assume_rank(self, rank: int) -> None:
+        """Treat every slot as holding ``rank`` rows, for timing the costliest case whatever is loaded (the rows
+        past a slot's own are zero, so outputs do not change). Undo with :meth:`restore_rank_state`."""
+        self.ranks.fill_(rank)
+        self._widths = [rank] * len(self._widths)
+        self._views = None
+
+    def restore_rank_state(self, state: tuple[Tensor, list[int], list[int]]) -> None:
+        ranks, host, widths = state
+        self.ranks.copy_(ranks)
+        self._ranks_host, self._widths, self._views = list(host), list(widths), None
+
     @torch.inference_mode()
     def merge(self, slot: int, rank: int | None = None) -> None:
         """Fold ``slot`` into a second weight buffer; the base weight itself stays untouched.
@@ -125,7 +141,7 @@ class LoRALinear(nn.Module):
         to ~7 µs."""
         backend = self.ctx.backend
         if backend == "torch" or (backend == "auto" and not x.is_cuda and not info.static):
-            if x.shape[0] != info.num_tokens or y.shape[0] != info.num_tokens:
+            if x.shape[0] != info.num_tokens:
                 raise ValueError(f"x has {x.shape[0]} rows but the batch info was built for {info.num_tokens} tokens")
             if info.max_slot >= len(self._widths):
                 raise ValueError(f"the batch uses slot {info.max_slot} but the layer has {len(self._widths)} slots")

@@ -201,12 +201,10 @@ class Scheduler:
             orch.time_merges()
             return
         saved = orch.slot_ranks.clone()
-        saved_layers = [(lay.ranks.clone(), list(lay._ranks_host), list(lay._widths)) for lay in layers]
+        saved_layers = [lay.rank_state() for lay in layers]
         saved_host = list(orch.ctx.slot_ranks_host)
         for lay in layers:  # every slot full rank: the costliest case, whatever is loaded
-            lay.ranks.fill_(r_max)
-            lay._widths = [r_max] * S  # the torch path multiplies every row (zeros past a slot's own)
-            lay._views = None
+            lay.assume_rank(r_max)
         orch.slot_ranks.fill_(r_max)
         orch.ctx.slot_ranks_host[:] = [r_max] * S
         dev = self.model.device
@@ -248,9 +246,8 @@ class Scheduler:
         finally:
             orch.slot_ranks.copy_(saved)
             orch.ctx.slot_ranks_host[:] = saved_host
-            for lay, (r, host, widths) in zip(layers, saved_layers, strict=True):
-                lay.ranks.copy_(r)
-                lay._ranks_host, lay._widths, lay._views = host, widths, None
+            for lay, state in zip(layers, saved_layers, strict=True):
+                lay.restore_rank_state(state)
             orch.ctx.add = orch.ctx.subtract = None
             orch.current = Plan(Mode.UNMERGED)
             orch.mode_steps.clear()

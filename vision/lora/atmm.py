@@ -267,7 +267,7 @@ def atmm_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, weights: Mapping[int, SlotWeights | None] | Sequence[SlotWeights | None],
                  info: LoRABatchInfo) -> torch.Tensor:
     """``y += scale_s · (x A_sᵀ) B_sᵀ`` per segment, with each slot's factors given (``weights[slot]``; ``None``
-    or width 0 = the slot leaves this layer alone). No checks beyond the caller's: the hot loop of a step.
+    = the slot leaves this layer alone). No checks beyond the caller's: the hot loop of a step.
 
     A ``contiguous`` batch adds into slices of y in place (``addmm_``): per segment two products, nothing
     else allocated but the (n, r) shrink output. Otherwise x is gathered once (T_a, d_in) and the expand
@@ -277,7 +277,7 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, weights: Mapping[int, SlotWei
     if info.contiguous:
         for s, _, n, first in segs:
             w = weights[s]
-            if w is None or w[0].shape[1] == 0:
+            if w is None:
                 continue
             a_t, b_t, scale = w
             rows = x if n == x.shape[0] else x[first:first + n]
@@ -292,7 +292,7 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, weights: Mapping[int, SlotWei
     out = torch.empty((info.num_active, y.shape[1]), device=y.device, dtype=y.dtype)
     for s, start, n, _ in segs:
         w = weights[s]
-        if w is None or w[0].shape[1] == 0:
+        if w is None:
             out[start:start + n].zero_()
             continue
         a_t, b_t, scale = w
