@@ -17,7 +17,8 @@ service first replays an untimed warm-up trace (Triton compiles, graphs are capt
 
 The base model has SmolLM2-135M's shape (``--shape 7b`` for 7B-shaped layers on a GPU) with random
 weights, so nothing is loaded; ``--layers`` trims depth for quick runs. Reported per policy: mean, p50,
-p99 request latency, mean time to first token, throughput, mode steps and switches;
+p99 request latency, mean time to first token, throughput, mode steps and switches, and the costs the
+orchestrator measured at start (a decode step without LoRA, what LoRA adds to it, a merge);
 ``latency_reduction`` = 1 − auto / best baseline (target ≥ 0.20).
 """
 
@@ -55,6 +56,21 @@ class PolicyResult:
     mode_steps: str
     graphs: int = 0  # step graphs captured (warm-up included)
     graph_steps: int = 0  # timed steps replayed from a graph
+    costs: dict[str, float | int | None] | None = None  # the orchestrator's calibrated cost model (ms, all layers)
+
+
+COST_KEYS = ("base_step_ms", "base_step_tokens", "call_ms", "segment_ms", "token_ms", "merge_ms", "merge_ms_per_rank")
+
+
+def describe_costs(c: dict) -> str:
+    """The calibrated costs in words: what a step's LoRA terms and a merge cost against the step itself,
+    which is what decides whether merging can pay on this device."""
+    if c.get("base_step_ms") is None:
+        return "LoRA costs: not calibrated (fewer than 2 decode slots)"
+    base, n = c["base_step_ms"], c["base_step_tokens"]
+    return (f"measured costs (all layers): a decode step of {n} tokens {base:.1f} ms without LoRA; LoRA adds "
+            f"{c['call_ms']:.2f} ms for one adapter ({c['call_ms'] / base:.0%}) and {c['segment_ms']:.2f} ms for "
+            f"each other adapter in the step; a merge {c['merge_ms']:.1f} ms + {c['merge_ms_per_rank']:.3f} ms per rank")
 
 
 class _CountTokenizer:
@@ -146,7 +162,8 @@ def run_policy(policy: str, lm, adapters, trace, warm, args, device: str) -> Pol
                         float(ttft.mean()), sum(q[3] for q in trace) / elapsed, sched.steps - steps0,
                         orch.switches - switches0, ",".join(f"{k}:{v}" for k, v in sorted(modes.items())),
                         len(graphs.graphs) if graphs is not None else 0,
-                        graphs.steps - graph_steps0 if graphs is not None else 0)
+                        graphs.steps - graph_steps0 if graphs is not None else 0,
+                        {k: v for k, v in orch.stats().items() if k in COST_KEYS})
 
 
 def replay(service, trace, args) -> tuple[dict[int, float], dict[int, float], float]:
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row(r), flush=True)
             results.append(r)
         by = {r.policy: r for r in results}
+        if "auto" in by and by["auto"].costs:
+            print(describe_costs(by["auto"].costs))
         baselines = [by[k].mean_ms for k in ("unmerged", "merged") if k in by]
         if "unmerged:eager" in by and "unmerged" in by:
             print(f"CUDA graphs (unmerged): mean latency {1 - by['unmerged'].mean_ms / by['unmerged:eager'].mean_ms:+.1%} "

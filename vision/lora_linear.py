@@ -114,7 +114,10 @@ class LoRALinear(nn.Module):
         r = self._ranks_host[slot] if rank is None else rank
         if r == 0:
             self._merged.copy_(w)
-        else:
+        elif w.dtype == torch.float32:  # one fused product into the buffer: no (d_out, d_in) temporaries
+            torch.addmm(w, self.lora_b[slot, :, :r], self.lora_a[slot, :r], alpha=self._scaling_host[slot],
+                        out=self._merged)
+        else:  # half precision: add the delta in float32, round once
             delta = self.lora_b[slot, :, :r].float() @ self.lora_a[slot, :r].float()  # (d_out, d_in)
             torch.add(w.float(), delta, alpha=self._scaling_host[slot], out=delta)
             self._merged.copy_(delta)

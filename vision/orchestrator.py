@@ -81,6 +81,8 @@ class Orchestrator:
         self.slot_ranks = ctx.slot_ranks  # each slot's adapter rank, whatever layers it targets
         # LoRA cost model (ms, all layers), measured by calibrate(); until then relative CPU-like units
         self.call_ms, self.segment_ms, self.token_ms = 1.0, 1.0, 0.01
+        self.base_step_ms: float | None = None  # the calibration's decode step without LoRA (what LoRA adds to),
+        self.base_step_tokens = 0  # of this many tokens
         self.switch_ms = 0.0  # the last real merge of all layers (ms)
         self.merge_ms, self.merge_ms_per_rank = 0.0, 0.0  # the merge cost model, measured by time_merges()
         self.calibrated = False
@@ -217,6 +219,7 @@ class Orchestrator:
         narrow = max(lora["narrow"] - base["narrow"], 0.0)
         spread = max(lora["spread"] - base["narrow"], 0.0)
         wide_ms = max(lora["wide"] - base["wide"], 0.0)
+        self.base_step_ms, self.base_step_tokens = base["narrow"], tokens
         self.token_ms = max(wide_ms - narrow, 0.0) / max(wide - tokens, 1)
         self.call_ms = max(narrow - self.token_ms * tokens, 1e-6)
         self.segment_ms = max(spread - narrow, 0.0) / max(segments - 1, 1)
@@ -259,4 +262,6 @@ class Orchestrator:
                 "switch_ms": round(self.switch_ms, 3), "merge_ms": round(self.merge_ms, 3),
                 "merge_ms_per_rank": round(self.merge_ms_per_rank, 4), "call_ms": round(self.call_ms, 4),
                 "segment_ms": round(self.segment_ms, 4), "token_ms": round(self.token_ms, 5),
+                "base_step_ms": None if self.base_step_ms is None else round(self.base_step_ms, 3),
+                "base_step_tokens": self.base_step_tokens,
                 "mode_steps": dict(self.mode_steps)}
