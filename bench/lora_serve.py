@@ -56,21 +56,23 @@ class PolicyResult:
     mode_steps: str
     graphs: int = 0  # step graphs captured (warm-up included)
     graph_steps: int = 0  # timed steps replayed from a graph
-    costs: dict[str, float | int | None] | None = None  # the orchestrator's calibrated cost model (ms, all layers)
+    costs: dict[str, float | int | None] | None = None  # the orchestrator's cost model at the end (ms, all layers)
 
 
-COST_KEYS = ("base_step_ms", "base_step_tokens", "call_ms", "segment_ms", "token_ms", "merge_ms", "merge_ms_per_rank")
+COST_KEYS = ("base_step_ms", "base_step_tokens", "call_ms", "segment_ms", "token_ms", "merge_ms", "merge_ms_per_rank",
+             "merges_observed")
 
 
 def describe_costs(c: dict) -> str:
-    """The calibrated costs in words: what a step's LoRA terms and a merge cost against the step itself,
+    """The measured costs in words: what a step's LoRA terms and a merge cost against the step itself,
     which is what decides whether merging can pay on this device."""
     if c.get("base_step_ms") is None:
         return "LoRA costs: not calibrated (fewer than 2 decode slots)"
     base, n = c["base_step_ms"], c["base_step_tokens"]
     return (f"measured costs (all layers): a decode step of {n} tokens {base:.1f} ms without LoRA; LoRA adds "
             f"{c['call_ms']:.2f} ms for one adapter ({c['call_ms'] / base:.0%}) and {c['segment_ms']:.2f} ms for "
-            f"each other adapter in the step; a merge {c['merge_ms']:.1f} ms + {c['merge_ms_per_rank']:.3f} ms per rank")
+            f"each other adapter in the step; a merge {c['merge_ms']:.1f} ms + {c['merge_ms_per_rank']:.3f} ms per rank"
+            + (f" (as timed in service, {c['merges_observed']} merges)" if c.get("merges_observed") else " (calibrated)"))
 
 
 class _CountTokenizer:

@@ -356,6 +356,26 @@ def test_auto_merges_a_lone_adapter_only_when_the_merge_pays_back(world):
     assert orch.decide([a, b], remaining={a: 100, b: 100}).mode == Mode.UNMERGED
 
 
+def test_real_merges_reprice_merging(world):
+    """Calibration times merges with the weights in cache; the merges made while serving are what the next
+    decision is charged: the first replaces the calibrated figure, later ones move a moving average."""
+    service = make_service(world)
+    orch = service.orchestrator
+    a, b = service.adapters.acquire("ad-a"), service.adapters.acquire("ad-b")
+    orch.calibrated, orch.merge_ms, orch.merge_ms_per_rank = True, 1000.0, 0.0  # far from any real merge
+    assert orch.merge_cost(a) == 1000.0
+    orch.apply(Plan(Mode.MERGED, a), torch.tensor([a]))
+    first = orch.switch_ms
+    assert orch.merges_observed == 1 and 0 < first < 1000.0
+    assert orch.merge_cost(b) == pytest.approx(first)
+    orch.apply(Plan(Mode.MERGED, b), torch.tensor([b]))
+    second = orch.switch_ms
+    assert orch.merges_observed == 2
+    assert orch.merge_cost(a) == pytest.approx(first + orch.cfg.ema * (second - first))
+    orch.apply(Plan(Mode.MERGED, b), torch.tensor([b]))  # already merged: no merge, nothing observed
+    assert orch.merges_observed == 2
+
+
 def test_auto_stops_merging_when_other_adapters_keep_mixing_the_batch(world):
     """A merge pays back only while the batch stays one adapter's: the orchestrator measures how long such
     runs of steps last, and under arrivals that mix the batch every third step it stops merging, however
