@@ -18,7 +18,8 @@ service first replays an untimed warm-up trace (Triton compiles, graphs are capt
 The base model has SmolLM2-135M's shape (``--shape 7b`` for 7B-shaped layers on a GPU) with random
 weights, so nothing is loaded; ``--layers`` trims depth for quick runs. Reported per policy: mean, p50,
 p99 request latency, mean time to first token, throughput, mode steps and switches, and the costs the
-orchestrator measured at start (a decode step without LoRA, what LoRA adds to it, a merge);
+orchestrator measured (at start: a decode step without LoRA, what LoRA adds to it; a merge, re-timed
+by the real ones);
 ``latency_reduction`` = 1 − auto / best baseline (target ≥ 0.20).
 """
 
